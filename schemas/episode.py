@@ -1,0 +1,59 @@
+"""The common episode record every source emits, and the quarantine record for what it rejects.
+
+Sources (``pipelines/sources.py``) turn one robot episode of any on-disk format into one ``Episode``;
+transforms (``transforms/``) turn its raw per-step arrays into a standardized ``Trajectory``.
+
+Episode
+  dataset_name: str                 registry name, e.g. ``"bridge_orig"``
+  episode_id:   str                 stable and unique within the dataset, no absolute paths:
+                                    RLDS ``"<split>/<shard file name>/<record index>"``,
+                                    CALVIN ``"<split dir>/<start>-<end>"`` (half-open frame window)
+  split:        str                 the source split (``"train"``, ``"val"``, ``"training"``, ...)
+  language:     str                 instruction as stored (UTF-8 decoded, not lower-cased); ``""`` if none
+  steps:        dict[str, ndarray]  non-image per-step fields with flattened keys, first axis T:
+                                    ``"action": [T, 7] float32``, ``"observation/state": [T, 7] float32``,
+                                    CALVIN ``"actions"``, ``"rel_actions"``, ``"robot_obs"``: [T, k] float32
+  images:       dict[str, list[bytes] | ndarray]
+                                    camera role (``"primary"``, ``"wrist"``) -> T encoded images
+                                    (JPEG/PNG bytes) or a decoded ``[T, H, W, 3] uint8`` array;
+                                    empty when the consumer asked for no images (statistics)
+
+QuarantineRecord
+  dataset_name, episode_id, stage ("read" | "transform" | "shard" ...), reason (one line)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import numpy as np
+
+ImageSeq = Union[list, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+    dataset_name: str
+    episode_id: str
+    split: str
+    language: str
+    steps: dict
+    images: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        for value in self.steps.values():
+            return int(len(value))
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantineRecord:
+    dataset_name: str
+    episode_id: str
+    stage: str
+    reason: str
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)
