@@ -1,2 +1,127 @@
-def main(argv=None):
-    print("vlaprep")
+"""The ``vlaprep`` command line. Unknown ``--flags`` pass through to Beam's PipelineOptions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vlaprep.transforms.registry import get_spec, merged_registry
+
+
+class UsageError(ValueError):
+    """Bad arguments: reported as one line, exit code 2."""
+
+
+def parse_dataset_args(values, registry_file):
+    """``NAME=PATH`` strings -> [DatasetInput]; the name selects the registry entry."""
+    from vlaprep.pipelines.stats_job import DatasetInput
+
+    registry = merged_registry(registry_file)
+    out, seen = [], set()
+    for value in values or []:
+        if "=" not in value:
+            raise UsageError(f"expected --dataset NAME=PATH, got {value!r}")
+        name, path = value.split("=", 1)
+        if name in seen:
+            raise UsageError(f"expected each dataset once, got {name!r} twice")
+        seen.add(name)
+        try:
+            spec = get_spec(name, registry)
+        except KeyError as e:
+            raise UsageError(str(e.args[0])) from None
+        if not os.path.exists(path):
+            raise UsageError(f"expected an existing path for dataset {name!r}, got {path!r}")
+        out.append(DatasetInput(name, path, spec))
+    if not out:
+        raise UsageError("expected at least one --dataset NAME=PATH")
+    return out
+
+
+def _cmd_generate(args, beam_args):
+    if args.format == "rlds":
+        from vlaprep.synthetic.rlds import generate_rlds
+
+        path = generate_rlds(args.output, name=args.name, episodes=args.episodes, seed=args.seed,
+                             image_size=args.image_size, num_shards=args.shards)
+    else:
+        from vlaprep.synthetic.calvin import generate_calvin
+
+        path = generate_calvin(args.output, frames=args.frames, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _cmd_stats(args, beam_args):
+    from vlaprep.pipelines.stats_job import run_stats, stderr_log, summary_table
+
+    inputs = parse_dataset_args(args.dataset, args.registry)
+    result = run_stats(inputs, args.output, with_proprio=args.proprio, force=args.force, beam_args=beam_args, log=stderr_log)
+    print(summary_table(result))
+    print(f"wrote {os.path.join(args.output, 'dataset_statistics.json')} in {result.seconds:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlaprep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write a synthetic dataset in a real on-disk format")
+    gen_sub = gen.add_subparsers(dest="format", required=True)
+    g_rlds = gen_sub.add_parser("rlds", help="TFDS/RLDS dataset in the Bridge V2 layout")
+    g_rlds.add_argument("--output", required=True)
+    g_rlds.add_argument("--name", default="bridge_orig")
+    g_rlds.add_argument("--episodes", type=int, default=20)
+    g_rlds.add_argument("--seed", type=int, default=0)
+    g_rlds.add_argument("--image-size", type=int, default=256)
+    g_rlds.add_argument("--shards", type=int, default=None, help="TFRecord shards per split (default: ~1 per 25 episodes)")
+    g_calvin = gen_sub.add_parser("calvin", help="CALVIN split tree (training/, validation/)")
+    g_calvin.add_argument("--output", required=True)
+    g_calvin.add_argument("--frames", type=int, default=600)
+    g_calvin.add_argument("--seed", type=int, default=0)
+    for p in (g_rlds, g_calvin):
+        p.set_defaults(func=_cmd_generate)
+
+    stats = sub.add_parser("stats", help="write dataset_statistics.json (exact, OpenVLA layout)")
+    stats.add_argument("--dataset", action="append", metavar="NAME=PATH", required=True)
+    stats.add_argument("--output", required=True)
+    stats.add_argument("--registry", default=None, help="YAML file declaring custom datasets")
+    stats.add_argument("--proprio", action="store_true", help="compute proprio statistics (default: zeros, as OpenVLA)")
+    stats.add_argument("--force", action="store_true", help="recompute even when the inputs' fingerprints are unchanged")
+    stats.set_defaults(func=_cmd_stats)
+    return parser
+
+
+def _quiet_logs() -> None:
+    # TensorFlow's C++ banner and Beam's per-bundle INFO lines drown the summary; workers inherit the env.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("absl", "apache_beam", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+    _quiet_logs()
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    stray = [a for a in beam_args if not a.startswith("--")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (Beam options must be --flag=value)")
+    try:
+        return args.func(args, beam_args)
+    except UsageError as e:
+        print(f"vlaprep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one clear line for known user-facing failures
+        from vlaprep.pipelines.sources import SourceError
+
+        if isinstance(e, (SourceError, FileNotFoundError, KeyError)):
+            print(f"vlaprep {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Content fingerprints of inputs, for caching and incremental regeneration.
+
+A file's digest is the BLAKE2b of its bytes. Hashing terabytes on every run would cost as much as the
+work it saves, so digests are memoized (like git's index) under ``$VLAPREP_CACHE_DIR`` (default
+``~/.cache/vlaprep``) keyed by (absolute path, size, mtime_ns, inode): a file whose stat changed is
+hashed again; an unchanged one is not re-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import vlaprep
+
+_CHUNK = 8 << 20
+
+
+def _cache_dir() -> str:
+    return os.environ.get("VLAPREP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlaprep")
+
+
+def _stat_key(path: str) -> str:
+    st = os.stat(path)
+    raw = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """BLAKE2b-256 hex of the file's bytes (memoized on its stat)."""
+    key = _stat_key(path)
+    memo = os.path.join(_cache_dir(), "file_digests", key[:2], key)
+    try:
+        with open(memo) as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        tmp = f"{memo}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time
+    return digest
+
+
+def files_fingerprint(paths: Iterable[str], root: str) -> list[dict]:
+    """[{name (relative to root), size, blake2b}] for each file, sorted by name; hashed on 2 threads."""
+    paths = sorted(paths)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(file_digest, paths))
+    return [
+        {"name": os.path.relpath(p, root), "size": os.path.getsize(p), "blake2b": d} for p, d in zip(paths, digests)
+    ]
+
+
+def combine(*parts) -> str:
+    """sha256 hex of a JSON-serializable structure (canonical: sorted keys, no whitespace)."""
+    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def version_fingerprint() -> str:
+    return f"vlaprep-{vlaprep.__version__}"

@@ -1,0 +1,448 @@
+"""Beam sources: RLDS (TFDS TFRecord datasets) and CALVIN split directories -> ``Episode`` records.
+
+Both sources return a dict of two PCollections:
+  ``"episodes"``:   PCollection[Episode]            (see ``vlaprep.schemas.episode``)
+  ``"quarantine"``: PCollection[QuarantineRecord]   one per input episode that could not be read
+
+Every input episode ends up in exactly one of the two. Element logic lives in plain functions
+(``decode_rlds_example``, ``load_calvin_window``) so it can be tested without Beam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Iterable, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+
+from vlaprep.pipelines import safe_pickle
+from vlaprep.schemas.episode import Episode, QuarantineRecord
+from vlaprep.transforms.registry import DatasetSpec
+
+QUARANTINE = "quarantine"
+_NAMESPACE = "vlaprep"
+
+
+class SourceError(ValueError):
+    """The source path is not a readable dataset: fail the run at once, before any work."""
+
+
+# --------------------------------------------------------------------------------------------------
+# RLDS
+# --------------------------------------------------------------------------------------------------
+
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def resolve_rlds_version_dir(path: str) -> str:
+    """Accept a TFDS version dir (``.../name/1.0.0``), a dataset dir (``.../name``) or a data_dir
+    holding exactly one ``name/version``; return the version dir (the newest version if several)."""
+    if not os.path.isdir(path):
+        raise SourceError(f"expected an RLDS dataset directory, got {path!r}, which does not exist")
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return path
+    versions = sorted(
+        (d for d in os.listdir(path) if _VERSION_RE.match(d) and os.path.isfile(os.path.join(path, d, "dataset_info.json"))),
+        key=lambda v: tuple(int(p) for p in v.split(".")),
+    )
+    if versions:
+        return os.path.join(path, versions[-1])
+    candidates = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        if os.path.isdir(sub):
+            try:
+                candidates.append(resolve_rlds_version_dir(sub))
+            except SourceError:
+                pass
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise SourceError(
+            f"expected a TFDS dataset (a directory with dataset_info.json), got none under {path!r}; "
+            "hint: point --dataset NAME=PATH at DIR/<name>/<version>"
+        )
+    raise SourceError(f"expected one dataset under {path!r}, got {len(candidates)}: {candidates!r}; hint: name the version dir")
+
+
+def rlds_shard_files(version_dir: str) -> list[tuple[str, str, int]]:
+    """[(split, shard file name, number of records)] for every TFRecord shard of the dataset, sorted."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(version_dir)
+    out = []
+    for split_name in sorted(builder.info.splits.keys()):
+        split = builder.info.splits[split_name]
+        for filename, length in zip(split.filenames, split.shard_lengths):
+            out.append((split_name, filename, int(length)))
+    return out
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _decode_text(value) -> str:
+    """bytes -> UTF-8 str; an integer array of code points padded with 0 (Language Table) -> str."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+        return "".join(chr(int(c)) for c in value.reshape(-1) if c != 0)
+    return str(value)
+
+
+def decode_rlds_example(
+    example: dict, spec: DatasetSpec, episode_id: str, split: str, image_roles: Sequence[str] = ()
+) -> Episode:
+    """One TFDS example (NumPy, with ``steps`` left undecoded) -> ``Episode``.
+
+    Keeps only the step keys the dataset's transform needs, its language key and the requested cameras
+    (still JPEG/PNG bytes). Raises ``ValueError`` naming the key for anything missing or malformed.
+    """
+    steps = _flatten(example["steps"])
+    kept = {}
+    for key in spec.required_keys:
+        if key not in steps:
+            raise ValueError(
+                f"expected step key {key!r} for dataset {spec.name!r}, got keys {sorted(steps)!r}; "
+                "hint: check the registry entry's keys against the dataset's features.json"
+            )
+        kept[key] = np.asarray(steps[key])
+    language = ""
+    if spec.language_key and spec.language_key in steps:
+        lang = steps[spec.language_key]
+        if len(lang):
+            language = _decode_text(lang[0])
+    images = {}
+    for role in image_roles:
+        key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
+        if key is None:
+            raise ValueError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
+        if key not in steps:
+            raise ValueError(f"expected image key {key!r} for dataset {spec.name!r}, got keys {sorted(steps)!r}")
+        images[role] = [bytes(b) for b in steps[key]]
+    return Episode(
+        dataset_name=spec.name, episode_id=episode_id, split=split, language=language, steps=kept, images=images
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RLDSShard:
+    """One TFRecord shard to read: ``split[index shard]`` of the TFDS dataset in ``version_dir``."""
+
+    version_dir: str
+    split: str
+    shard_index: int
+    filename: str
+    num_records: int
+
+
+def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[str] = ()) -> Iterator:
+    """Yield ``Episode``s of one shard, and ``QuarantineRecord``s for records that cannot be read.
+
+    Uses the same per-shard ``builder.as_dataset(split=f"{split}[{i}shard]")`` read as
+    ``tfds.beam.ReadFromTFDS``, with ``SkipDecoding`` on ``steps`` (Beam cannot pickle nested
+    datasets), plus what ReadFromTFDS cannot give: stable ids (``tfds_id``: file + record index) and
+    fault isolation. A corrupt or truncated shard stops TFRecord reading at the bad record; every
+    record of the shard not read by then is quarantined, so the accounting still balances.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(shard.version_dir)
+    ds = builder.as_dataset(
+        split=f"{shard.split}[{shard.shard_index}shard]",
+        decoders={"steps": tfds.decode.SkipDecoding()},
+        shuffle_files=False,
+        read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1, try_autocache=False),
+    )
+    seen: set[int] = set()
+    iterator = iter(tfds.as_numpy(ds))
+    while True:
+        try:
+            example = next(iterator)
+        except StopIteration:
+            break
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            beam.metrics.Metrics.counter(_NAMESPACE, "rlds_corrupt_shards").inc()
+            for index in range(shard.num_records):
+                if index not in seen:
+                    yield QuarantineRecord(
+                        spec.name,
+                        f"{shard.split}/{shard.filename}/{index}",
+                        "read",
+                        f"unreadable record in {shard.filename} (read {len(seen)} of {shard.num_records}): "
+                        f"{type(e).__name__}: {reason[:300]}",
+                    )
+            return
+        tfds_id = _decode_text(example["tfds_id"])
+        index = int(tfds_id.rsplit("__", 1)[1])
+        seen.add(index)
+        episode_id = f"{shard.split}/{shard.filename}/{index}"
+        try:
+            yield decode_rlds_example(example, spec, episode_id, shard.split, image_roles)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            yield QuarantineRecord(spec.name, episode_id, "read", f"{type(e).__name__}: {e}")
+
+
+class _ReadRLDSShardFn(beam.DoFn):
+    def __init__(self, spec: DatasetSpec, image_roles: Sequence[str]):
+        self._spec = spec
+        self._image_roles = tuple(image_roles)
+
+    def process(self, shard: RLDSShard):
+        for item in read_rlds_shard(shard, self._spec, self._image_roles):
+            if isinstance(item, QuarantineRecord):
+                beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_read").inc()
+                yield beam.pvalue.TaggedOutput(QUARANTINE, item)
+            else:
+                beam.metrics.Metrics.counter(_NAMESPACE, "episodes_read").inc()
+                yield item
+
+
+class ReadRLDS(beam.PTransform):
+    """PBegin -> {"episodes": PCollection[Episode], "quarantine": PCollection[QuarantineRecord]}.
+
+    Reads every split (or ``splits``) of a TFDS/RLDS dataset found with ``tfds.builder_from_directory``,
+    one element per TFRecord shard so shards are read in parallel.
+    """
+
+    def __init__(self, path: str, spec: DatasetSpec, splits: Sequence[str] | None = None, image_roles: Sequence[str] = ()):
+        super().__init__()
+        self._version_dir = resolve_rlds_version_dir(path)
+        self._spec = spec
+        self._image_roles = tuple(image_roles)
+        shards = []
+        per_split_index: dict[str, int] = {}
+        for split, filename, length in rlds_shard_files(self._version_dir):
+            index = per_split_index.get(split, 0)
+            per_split_index[split] = index + 1
+            if splits is None or split in splits:
+                shards.append(RLDSShard(self._version_dir, split, index, filename, length))
+        if splits is not None:
+            missing = sorted(set(splits) - set(per_split_index))
+            if missing:
+                raise SourceError(f"expected splits {missing!r} in {self._version_dir!r}, got {sorted(per_split_index)!r}")
+        self.shards = tuple(shards)
+
+    def expand(self, pbegin):
+        results = (
+            pbegin
+            | "ListShards" >> beam.Create(self.shards)
+            | "ReadShards" >> beam.ParDo(_ReadRLDSShardFn(self._spec, self._image_roles)).with_outputs(QUARANTINE, main="episodes")
+        )
+        return {"episodes": results.episodes, "quarantine": results[QUARANTINE]}
+
+
+# --------------------------------------------------------------------------------------------------
+# CALVIN
+# --------------------------------------------------------------------------------------------------
+
+CALVIN_SPLITS = ("training", "validation")
+CALVIN_STEP_KEYS = ("actions", "rel_actions", "robot_obs", "scene_obs")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalvinWindow:
+    """Frames ``[start, end)`` of one CALVIN split directory, with the segment that should contain them."""
+
+    split_dir: str
+    split: str
+    start: int
+    end: int  # exclusive
+    language: str
+    segment: tuple[int, int] | None  # inclusive [start, end] of the play segment holding `start`
+
+    @property
+    def episode_id(self) -> str:
+        return f"{self.split}/{self.start}-{self.end}"
+
+
+def calvin_split_dirs(path: str) -> list[tuple[str, str]]:
+    """[(split name, dir)] for a CALVIN root (with training/ validation/) or a single split dir."""
+    if not os.path.isdir(path):
+        raise SourceError(f"expected a CALVIN directory, got {path!r}, which does not exist")
+    if os.path.isfile(os.path.join(path, "ep_start_end_ids.npy")):
+        return [(os.path.basename(os.path.normpath(path)), path)]
+    found = [(s, os.path.join(path, s)) for s in CALVIN_SPLITS if os.path.isfile(os.path.join(path, s, "ep_start_end_ids.npy"))]
+    if not found:
+        raise SourceError(
+            f"expected a CALVIN split directory (with ep_start_end_ids.npy) or a root with training/ and "
+            f"validation/, got neither at {path!r}"
+        )
+    return found
+
+
+def load_language_annotations(split_dir: str) -> list[tuple[int, int, str]]:
+    """[(start, end_exclusive, ann)] from ``lang_annotations/auto_lang_ann.npy``, via the restricted unpickler."""
+    path = os.path.join(split_dir, "lang_annotations", "auto_lang_ann.npy")
+    if not os.path.isfile(path):
+        raise SourceError(f"expected language annotations at {path!r}, got no such file; hint: pass --calvin-unlabeled to read play segments")
+    data = safe_pickle.load_pickled_npy(path)
+    try:
+        anns = list(data["language"]["ann"])
+        indx = list(data["info"]["indx"])
+    except (KeyError, TypeError) as e:
+        raise SourceError(f"expected {{'language': {{'ann': [...]}}, 'info': {{'indx': [...]}}}} in {path!r}, got {type(data).__name__}: {e}") from e
+    if len(anns) != len(indx):
+        raise SourceError(f"expected as many annotations as windows in {path!r}, got {len(anns)} anns and {len(indx)} windows")
+    out = []
+    for ann, window in zip(anns, indx):
+        start, end = (int(v) for v in window)
+        out.append((start, end, str(ann)))
+    return out
+
+
+def list_calvin_windows(path: str, unlabeled: bool = False) -> list[CalvinWindow]:
+    """Every episode of a CALVIN dataset: language windows (default) or play segments (``unlabeled``)."""
+    windows = []
+    for split, split_dir in calvin_split_dirs(path):
+        segments = np.load(os.path.join(split_dir, "ep_start_end_ids.npy"), allow_pickle=False)
+        if segments.ndim != 2 or segments.shape[1] != 2:
+            raise SourceError(f"expected ep_start_end_ids.npy of shape [N, 2] in {split_dir!r}, got {segments.shape!r}")
+        segments = sorted((int(a), int(b)) for a, b in segments)
+        starts = [a for a, _ in segments]
+        if unlabeled:
+            for a, b in segments:
+                windows.append(CalvinWindow(split_dir, split, a, b + 1, "", (a, b)))
+            continue
+        for start, end, ann in load_language_annotations(split_dir):
+            pos = int(np.searchsorted(starts, start, side="right")) - 1
+            segment = segments[pos] if pos >= 0 and segments[pos][0] <= start <= segments[pos][1] else None
+            windows.append(CalvinWindow(split_dir, split, start, end, ann, segment))
+    return windows
+
+
+def calvin_frame_path(split_dir: str, frame: int) -> str:
+    return os.path.join(split_dir, f"episode_{frame:07d}.npz")
+
+
+def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Sequence[str] = ()) -> Episode:
+    """Read frames ``[start, end)`` of one window into an ``Episode`` (vectors as float32).
+
+    Raises ``ValueError`` naming the frame for a window outside its play segment, a missing frame file,
+    or a frame without the expected keys/shapes.
+    """
+    if window.end <= window.start:
+        raise ValueError(f"expected a window with end > start, got [{window.start}, {window.end})")
+    if window.segment is None:
+        raise ValueError(f"expected window [{window.start}, {window.end}) to start inside a play segment of ep_start_end_ids.npy, got none")
+    if window.end - 1 > window.segment[1]:
+        raise ValueError(
+            f"expected window [{window.start}, {window.end}) to end within its segment "
+            f"[{window.segment[0]}, {window.segment[1]}], got {window.end - 1 - window.segment[1]} frames past it"
+        )
+    keys = [k for k in spec.required_keys]
+    image_keys = {}
+    for role in image_roles:
+        key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
+        if key is None:
+            raise ValueError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
+        image_keys[role] = key
+    columns: dict[str, list] = {k: [] for k in keys}
+    frames: dict[str, list] = {r: [] for r in image_keys}
+    for frame in range(window.start, window.end):
+        path = calvin_frame_path(window.split_dir, frame)
+        if not os.path.isfile(path):
+            raise ValueError(f"expected frame file {os.path.basename(path)} for window [{window.start}, {window.end}), got no such file")
+        with np.load(path, allow_pickle=False) as npz:
+            for key in keys:
+                if key not in npz.files:
+                    raise ValueError(f"expected key {key!r} in {os.path.basename(path)}, got {sorted(npz.files)!r}")
+                columns[key].append(npz[key])
+            for role, key in image_keys.items():
+                if key not in npz.files:
+                    raise ValueError(f"expected image {key!r} in {os.path.basename(path)}, got {sorted(npz.files)!r}")
+                frames[role].append(npz[key])
+    steps = {}
+    for key, values in columns.items():
+        shapes = {np.shape(v) for v in values}
+        if len(shapes) != 1:
+            raise ValueError(f"expected one shape for {key!r} across window [{window.start}, {window.end}), got {sorted(shapes)!r}")
+        array = np.stack(values)
+        steps[key] = array.astype(np.float32) if array.dtype.kind == "f" else array
+    images = {}
+    for role, values in frames.items():
+        array = np.stack(values)
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"expected {image_keys[role]!r} frames [T, H, W, 3] uint8, got {array.shape!r} {array.dtype}")
+        images[role] = array
+    return Episode(
+        dataset_name=spec.name,
+        episode_id=window.episode_id,
+        split=window.split,
+        language=window.language,
+        steps=steps,
+        images=images,
+    )
+
+
+class _ReadCalvinWindowFn(beam.DoFn):
+    def __init__(self, spec: DatasetSpec, image_roles: Sequence[str]):
+        self._spec = spec
+        self._image_roles = tuple(image_roles)
+
+    def process(self, window: CalvinWindow):
+        try:
+            episode = load_calvin_window(window, self._spec, self._image_roles)
+        except (ValueError, OSError, KeyError) as e:
+            beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_read").inc()
+            yield beam.pvalue.TaggedOutput(QUARANTINE, QuarantineRecord(self._spec.name, window.episode_id, "read", f"{type(e).__name__}: {e}"))
+            return
+        beam.metrics.Metrics.counter(_NAMESPACE, "episodes_read").inc()
+        yield episode
+
+
+class ReadCalvin(beam.PTransform):
+    """PBegin -> {"episodes": PCollection[Episode], "quarantine": PCollection[QuarantineRecord]}.
+
+    One episode per language window ``[start, end)`` of ``auto_lang_ann.npy`` (or per play segment with
+    ``unlabeled=True``), frames enumerated from ``ep_start_end_ids.npy``, never from a glob.
+    """
+
+    def __init__(self, path: str, spec: DatasetSpec, image_roles: Sequence[str] = (), unlabeled: bool = False):
+        super().__init__()
+        self._spec = spec
+        self._image_roles = tuple(image_roles)
+        self.windows = tuple(list_calvin_windows(path, unlabeled=unlabeled))
+
+    def expand(self, pbegin):
+        results = (
+            pbegin
+            | "ListWindows" >> beam.Create(self.windows)
+            | "ReadWindows" >> beam.ParDo(_ReadCalvinWindowFn(self._spec, self._image_roles)).with_outputs(QUARANTINE, main="episodes")
+        )
+        return {"episodes": results.episodes, "quarantine": results[QUARANTINE]}
+
+
+def read_episodes(path: str, spec: DatasetSpec, image_roles: Sequence[str] = (), calvin_unlabeled: bool = False) -> beam.PTransform:
+    """The source PTransform for a registry entry's format."""
+    if spec.source_format == "rlds":
+        return ReadRLDS(path, spec, image_roles=image_roles)
+    if spec.source_format == "calvin":
+        return ReadCalvin(path, spec, image_roles=image_roles, unlabeled=calvin_unlabeled)
+    raise SourceError(f"expected source_format 'rlds' or 'calvin', got {spec.source_format!r} for dataset {spec.name!r}")
+
+
+def source_files(path: str, spec: DatasetSpec) -> list[str]:
+    """Every file whose content determines the dataset's episodes (for fingerprints), sorted."""
+    if spec.source_format == "rlds":
+        version_dir = resolve_rlds_version_dir(path)
+        names = [f for _, f, _ in rlds_shard_files(version_dir)] + ["dataset_info.json", "features.json"]
+        return sorted(os.path.join(version_dir, n) for n in names if os.path.exists(os.path.join(version_dir, n)))
+    files = []
+    for _, split_dir in calvin_split_dirs(path):
+        for root, _dirs, names in os.walk(split_dir):
+            files.extend(os.path.join(root, n) for n in names if n.endswith((".npy", ".npz")))
+    return sorted(files)

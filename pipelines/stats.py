@@ -1,0 +1,252 @@
+"""Beam composition for ``dataset_statistics.json``: transform episodes, then exact mergeable statistics.
+
+Pipeline shape (per run, all datasets in one pipeline, keyed by dataset name):
+
+  Episode --ApplyDatasetTransform--> (dataset, TrajectoryRecord) --ComputeDatasetStatistics--> (dataset, entry)
+
+``entry`` is OpenVLA's per-dataset block (see ``openvla_entry``). The numerics live in
+``exact_stats.py``; the CombineFns here only adapt them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import apache_beam as beam
+import numpy as np
+
+from vlaprep.pipelines.exact_stats import (
+    MomentsAccumulator,
+    OrderStatisticPlan,
+    SelectionAccumulator,
+    plan_order_statistics,
+)
+from vlaprep.schemas.episode import Episode, QuarantineRecord
+from vlaprep.transforms.base import Trajectory
+from vlaprep.transforms.registry import DatasetSpec
+
+QUARANTINE = "quarantine"
+_NAMESPACE = "vlaprep"
+ACTION = "action"
+PROPRIO = "proprio"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryRecord:
+    """A transformed episode: what statistics and shards consume."""
+
+    dataset_name: str
+    episode_id: str
+    split: str
+    language: str
+    trajectory: Trajectory
+
+
+def transform_episode(episode: Episode, spec: DatasetSpec) -> TrajectoryRecord:
+    """Apply the dataset's transform and check the result; raises ``ValueError`` with the reason."""
+    trajectory = spec.transform(episode.steps)
+    action = np.asarray(trajectory.action)
+    if action.ndim != 2 or action.shape[1] != spec.action_dim:
+        raise ValueError(
+            f"expected action [T, {spec.action_dim}] after {spec.name!r}'s transform, got {action.shape!r}; "
+            "hint: the registry entry's action_dim or action keys do not match the data"
+        )
+    if trajectory.num_steps == 0:
+        raise ValueError(f"expected at least one step after {spec.name!r}'s transform, got 0 (source had {episode.num_steps})")
+    for name, values in ((ACTION, action), (PROPRIO, np.asarray(trajectory.proprio))):
+        finite = np.isfinite(values)
+        if not finite.all():
+            t, d = (int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(f"expected finite {name} values, got {values[t, d]!r} at step {t} dim {d} ({int((~finite).sum())} non-finite in all)")
+    return TrajectoryRecord(episode.dataset_name, episode.episode_id, episode.split, episode.language, trajectory)
+
+
+class _TransformFn(beam.DoFn):
+    def __init__(self, specs: dict[str, DatasetSpec]):
+        self._specs = specs
+
+    def process(self, episode: Episode):
+        try:
+            record = transform_episode(episode, self._specs[episode.dataset_name])
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_transform").inc()
+            yield beam.pvalue.TaggedOutput(
+                QUARANTINE, QuarantineRecord(episode.dataset_name, episode.episode_id, "transform", f"{type(e).__name__}: {e}")
+            )
+            return
+        yield record
+
+
+class ApplyDatasetTransform(beam.PTransform):
+    """PCollection[Episode] -> {"trajectories": PCollection[TrajectoryRecord], "quarantine": PCollection[QuarantineRecord]}."""
+
+    def __init__(self, specs: dict[str, DatasetSpec]):
+        super().__init__()
+        self._specs = specs
+
+    def expand(self, episodes):
+        results = episodes | "Transform" >> beam.ParDo(_TransformFn(self._specs)).with_outputs(QUARANTINE, main="trajectories")
+        return {"trajectories": results.trajectories, "quarantine": results[QUARANTINE]}
+
+
+class ExactMomentsCombineFn(beam.CombineFn):
+    """[N, D] float32 blocks -> ``MomentsAccumulator``: exact count, sums, min, max and 16-bit-prefix
+    histogram. Exact and associative (integer arithmetic), so any bundling gives the same result."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, rows):
+        if acc is None:
+            acc = MomentsAccumulator(rows.shape[1])
+        return acc.add(rows)
+
+    def merge_accumulators(self, accumulators):
+        merged = None
+        for acc in accumulators:
+            if acc is None:
+                continue
+            merged = acc if merged is None else merged.merge(acc)
+        return merged
+
+    def compact(self, acc):
+        return acc.compact() if acc is not None else acc
+
+    def extract_output(self, acc):
+        return acc.compact() if acc is not None else None
+
+
+class ExactOrderStatisticsCombineFn(beam.CombineFn):
+    """``SelectionAccumulator``s (pass 2 partial counts) -> one merged ``SelectionAccumulator``."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, partial):
+        return partial if acc is None else acc.merge(partial)
+
+    def merge_accumulators(self, accumulators):
+        merged = None
+        for acc in accumulators:
+            if acc is None:
+                continue
+            merged = acc if merged is None else merged.merge(acc)
+        return merged
+
+    def compact(self, acc):
+        return acc.compact() if acc is not None else acc
+
+    def extract_output(self, acc):
+        return acc.compact() if acc is not None else None
+
+
+def trajectory_matrices(record: TrajectoryRecord, with_proprio: bool):
+    """-> [((dataset, field), [T, D] float32)] for the fields statistics are computed on."""
+    out = [((record.dataset_name, ACTION), np.asarray(record.trajectory.action, np.float32))]
+    proprio = np.asarray(record.trajectory.proprio, np.float32)
+    if with_proprio and proprio.shape[1] > 0:
+        out.append(((record.dataset_name, PROPRIO), proprio))
+    return out
+
+
+class _SelectForPlanFn(beam.DoFn):
+    """Pass 2 per element: keep only the values whose 16-bit prefix the plan wants, as counts."""
+
+    def process(self, keyed_rows, plans):
+        key, rows = keyed_rows
+        plan = plans[key]
+        acc = SelectionAccumulator(rows.shape[1]).add(rows, plan)
+        yield key, acc.compact()
+
+
+def _float32_list(values) -> list[float]:
+    return [float(np.float32(v)) for v in values]
+
+
+def field_statistics(moments: MomentsAccumulator, selection: SelectionAccumulator, plan: OrderStatisticPlan) -> dict:
+    means, stds = moments.mean_std()
+    quantiles = selection.quantiles(plan)
+    return {
+        "mean": means,
+        "std": stds,
+        "max": _float32_list(moments.maximum),
+        "min": _float32_list(moments.minimum),
+        "q01": quantiles[0.01],
+        "q99": quantiles[0.99],
+    }
+
+
+def openvla_entry(fields: dict, num_trajectories: int, mask: tuple[bool, ...]) -> dict:
+    """OpenVLA's per-dataset block: key order action{mean,std,max,min,q01,q99,mask}, proprio{...},
+    num_transitions, num_trajectories. Without proprio statistics the block is zeros of the action width."""
+    action = dict(fields[ACTION])
+    action["mask"] = [bool(m) for m in mask]
+    width = len(action["mean"])
+    proprio = fields.get(PROPRIO) or {k: [0.0] * width for k in ("mean", "std", "max", "min", "q01", "q99")}
+    return {
+        "action": action,
+        "proprio": proprio,
+        "num_transitions": int(fields["_num_transitions"]),
+        "num_trajectories": int(num_trajectories),
+    }
+
+
+def _assemble_field(element):
+    key, grouped = element
+    (moments,) = grouped["moments"]
+    (plan,) = grouped["plans"]
+    (selection,) = grouped["selections"]
+    dataset, field = key
+    return dataset, (field, field_statistics(moments, selection, plan), moments.count)
+
+
+def _assemble_dataset(element, masks: dict):
+    dataset, grouped = element
+    fields = {}
+    for field, stats, count in grouped["fields"]:
+        fields[field] = stats
+        if field == ACTION:
+            fields["_num_transitions"] = count
+    (num_trajectories,) = grouped["trajectories"] or (0,)
+    return dataset, openvla_entry(fields, num_trajectories, masks[dataset])
+
+
+class ComputeDatasetStatistics(beam.PTransform):
+    """PCollection[TrajectoryRecord] -> PCollection[tuple[str, dict]]: (dataset name, OpenVLA entry).
+
+    Two passes over the compact ``[T, D]`` action/proprio matrices (never the images): pass 1 is
+    ``ExactMomentsCombineFn`` per (dataset, field); its plan (which 16-bit key prefixes hold the
+    q01/q99 ranks) goes to pass 2 as a side input, whose counts ``ExactOrderStatisticsCombineFn``
+    merges. No step gathers a dataset's values in one place.
+    """
+
+    def __init__(self, masks: dict[str, tuple[bool, ...]], with_proprio: bool = False):
+        super().__init__()
+        self._masks = dict(masks)
+        self._with_proprio = with_proprio
+
+    def expand(self, trajectories):
+        with_proprio = self._with_proprio
+        matrices = trajectories | "ToMatrices" >> beam.FlatMap(trajectory_matrices, with_proprio)
+        moments = matrices | "ExactMoments" >> beam.CombinePerKey(ExactMomentsCombineFn())
+        plans = moments | "PlanOrderStatistics" >> beam.MapTuple(lambda key, acc: (key, plan_order_statistics(acc)))
+        selections = (
+            matrices
+            | "SelectForPlan" >> beam.ParDo(_SelectForPlanFn(), plans=beam.pvalue.AsDict(plans))
+            | "ExactOrderStatistics" >> beam.CombinePerKey(ExactOrderStatisticsCombineFn())
+        )
+        fields = (
+            {"moments": moments, "plans": plans, "selections": selections}
+            | "JoinPasses" >> beam.CoGroupByKey()
+            | "FieldStatistics" >> beam.Map(_assemble_field)
+        )
+        trajectory_counts = (
+            trajectories
+            | "DatasetOfTrajectory" >> beam.Map(lambda r: (r.dataset_name, 1))
+            | "CountTrajectories" >> beam.CombinePerKey(sum)
+        )
+        return (
+            {"fields": fields, "trajectories": trajectory_counts}
+            | "JoinFields" >> beam.CoGroupByKey()
+            | "OpenVLAEntry" >> beam.Map(_assemble_dataset, self._masks)
+        )

@@ -1,0 +1,234 @@
+"""``vlaprep stats``: build and run the statistics pipeline, reuse cached results, write outputs atomically.
+
+Outputs in ``DIR``:
+  dataset_statistics.json        OpenVLA layout, datasets in sorted order, validated against the schema
+  dataset_statistics.cache.json  per dataset: fingerprint of its inputs + its entry + quarantine count
+  quarantine.jsonl               one QuarantineRecord per rejected episode (this run's datasets)
+  <dataset>_histograms.png       per action dim histogram with q01/q99 marked
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from vlaprep.pipelines import fingerprint, sources
+from vlaprep.pipelines.stats import ApplyDatasetTransform, ComputeDatasetStatistics
+from vlaprep.schemas import validate_json
+from vlaprep.transforms.registry import DatasetSpec
+
+STATS_FILE = "dataset_statistics.json"
+CACHE_FILE = "dataset_statistics.cache.json"
+QUARANTINE_FILE = "quarantine.jsonl"
+
+# Local runs must never reach for the network: the plain DirectRunner first tries to download Prism.
+DEFAULT_BEAM_ARGS = (
+    "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner",
+    "--direct_running_mode=multi_processing",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInput:
+    name: str
+    path: str
+    spec: DatasetSpec
+
+
+def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """PipelineOptions from the pass-through flags, with network-free local defaults when no runner is named."""
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args = list(DEFAULT_BEAM_ARGS) + args
+        if not any(a.startswith("--direct_num_workers") for a in args):
+            args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+    return PipelineOptions(args)
+
+
+def dataset_fingerprint(item: DatasetInput, with_proprio: bool) -> str:
+    files = sources.source_files(item.path, item.spec)
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else item.path
+    return fingerprint.combine(
+        "stats",
+        fingerprint.version_fingerprint(),
+        item.spec.fingerprint(),
+        {"proprio": with_proprio},
+        fingerprint.files_fingerprint(files, root),
+    )
+
+
+def write_json_atomic(path: str, document, indent: int | None = 2) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_json_lines(pattern_dir: str) -> list:
+    out = []
+    for name in sorted(os.listdir(pattern_dir)):
+        with open(os.path.join(pattern_dir, name)) as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def build_stats_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], with_proprio: bool, work_dir: str):
+    """Wire sources -> transforms -> statistics; write entries and quarantine as JSON lines under work_dir."""
+    episodes, quarantined = [], []
+    for item in inputs:
+        read = pipeline | f"Read[{item.name}]" >> sources.read_episodes(item.path, item.spec)
+        episodes.append(read["episodes"])
+        quarantined.append(read["quarantine"])
+    specs = {item.name: item.spec for item in inputs}
+    transformed = episodes | "AllEpisodes" >> beam.Flatten() | "ApplyTransforms" >> ApplyDatasetTransform(specs)
+    quarantined.append(transformed["quarantine"])
+    entries = transformed["trajectories"] | "Statistics" >> ComputeDatasetStatistics(
+        {item.name: item.spec.normalization_mask for item in inputs}, with_proprio=with_proprio
+    )
+    _ = (
+        entries
+        | "EntryJson" >> beam.MapTuple(lambda name, entry: json.dumps([name, entry]))
+        | "WriteEntries" >> beam.io.WriteToText(os.path.join(work_dir, "entries", "part"), num_shards=1)
+    )
+    _ = (
+        quarantined
+        | "AllQuarantine" >> beam.Flatten()
+        | "QuarantineJson" >> beam.Map(lambda r: json.dumps(r.to_json_dict(), sort_keys=True))
+        | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(work_dir, "quarantine", "part"), num_shards=1)
+    )
+    _ = (
+        episodes
+        | "AllRead" >> beam.Flatten()
+        | "DatasetOfEpisode" >> beam.Map(lambda e: (e.dataset_name, 1))
+        | "CountRead" >> beam.CombinePerKey(sum)
+        | "CountJson" >> beam.MapTuple(lambda name, n: json.dumps([name, n]))
+        | "WriteCounts" >> beam.io.WriteToText(os.path.join(work_dir, "counts", "part"), num_shards=1)
+    )
+
+
+@dataclasses.dataclass
+class StatsResult:
+    statistics: dict
+    quarantine: list
+    reused: list
+    computed: list
+    episodes_read: dict
+    seconds: float
+
+
+def run_stats(
+    inputs: Sequence[DatasetInput],
+    output_dir: str,
+    with_proprio: bool = False,
+    force: bool = False,
+    beam_args: Sequence[str] = (),
+    log=print,
+) -> StatsResult:
+    started = time.time()
+    os.makedirs(output_dir, exist_ok=True)
+    cache_path = os.path.join(output_dir, CACHE_FILE)
+    cache = {}
+    if os.path.exists(cache_path) and not force:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    fingerprints = {item.name: dataset_fingerprint(item, with_proprio) for item in inputs}
+    todo = [item for item in inputs if force or cache.get(item.name, {}).get("fingerprint") != fingerprints[item.name]]
+    reused = [item.name for item in inputs if item not in todo]
+    for name in reused:
+        log(f"[stats] {name}: inputs unchanged (fingerprint {fingerprints[name][:12]}), reusing cached statistics")
+    new_entries, quarantine, read_counts = {}, [], {}
+    if todo:
+        log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
+        work_dir = tempfile.mkdtemp(prefix=".stats-work-", dir=output_dir)
+        try:
+            with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+                build_stats_pipeline(pipeline, todo, with_proprio, work_dir)
+            new_entries = dict(_read_json_lines(os.path.join(work_dir, "entries")))
+            quarantine = _read_json_lines(os.path.join(work_dir, "quarantine"))
+            read_counts = dict(_read_json_lines(os.path.join(work_dir, "counts")))
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        quarantine.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
+    missing = [item.name for item in todo if item.name not in new_entries]
+    if missing:
+        counts = {n: sum(1 for r in quarantine if r["dataset_name"] == n) for n in missing}
+        raise RuntimeError(
+            f"expected statistics for every dataset, got none for {missing!r}: no valid episode "
+            f"({counts} quarantined); see the reasons above or rerun with fewer datasets"
+        )
+    statistics = {}
+    new_cache = {}
+    for item in sorted(inputs, key=lambda i: i.name):
+        if item.name in new_entries:
+            entry = new_entries[item.name]
+            new_cache[item.name] = {
+                "fingerprint": fingerprints[item.name],
+                "entry": entry,
+                "quarantined": sum(1 for r in quarantine if r["dataset_name"] == item.name),
+                "episodes_read": read_counts.get(item.name, 0),
+            }
+        else:
+            new_cache[item.name] = cache[item.name]
+            entry = cache[item.name]["entry"]
+        statistics[item.name] = entry
+    validate_json(statistics, "dataset_statistics")
+    # Statistics first, then the cache that vouches for them: a crash between the two only costs a recompute.
+    write_json_atomic(os.path.join(output_dir, STATS_FILE), statistics)
+    write_json_atomic(cache_path, new_cache, indent=1)
+    if todo:
+        _write_jsonl_atomic(os.path.join(output_dir, QUARANTINE_FILE), quarantine)
+    return StatsResult(statistics, quarantine, reused, [i.name for i in todo], read_counts, time.time() - started)
+
+
+def _write_jsonl_atomic(path: str, records: list) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def summary_table(result: StatsResult, cache: dict | None = None) -> str:
+    """Human-readable per-dataset summary: trajectories, transitions, quarantined, q01/q99 per action dim."""
+    lines = []
+    for name, entry in result.statistics.items():
+        q = sum(1 for r in result.quarantine if r["dataset_name"] == name)
+        state = "cached" if name in result.reused else "computed"
+        lines.append(
+            f"{name}: {entry['num_trajectories']} trajectories, {entry['num_transitions']} transitions, "
+            f"{q} quarantined ({state})"
+        )
+        lines.append(f"  {'dim':>3} {'q01':>12} {'q99':>12} {'min':>12} {'max':>12} norm")
+        a = entry["action"]
+        for d in range(len(a["q01"])):
+            lines.append(
+                f"  {d:>3} {a['q01'][d]:>12.6g} {a['q99'][d]:>12.6g} {a['min'][d]:>12.6g} {a['max'][d]:>12.6g} "
+                f"{'yes' if a['mask'][d] else 'no'}"
+            )
+    reasons = {}
+    for r in result.quarantine:
+        reasons.setdefault((r["dataset_name"], r["reason"].split(":")[0]), 0)
+        reasons[(r["dataset_name"], r["reason"].split(":")[0])] += 1
+    for (name, kind), n in sorted(reasons.items()):
+        lines.append(f"quarantined {name}: {n} x {kind}")
+    return "\n".join(lines)
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
