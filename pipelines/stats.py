@@ -43,7 +43,20 @@ class TrajectoryRecord:
 
 
 def transform_episode(episode: Episode, spec: DatasetSpec) -> TrajectoryRecord:
-    """Apply the dataset's transform and check the result; raises ``ValueError`` with the reason."""
+    """Apply the dataset's transform and check the result; raises ``ValueError`` with the reason.
+
+    Non-finite values are rejected in the raw float fields too, not only in the output: a NaN in a
+    column the transform happens to overwrite (bridge relabels actions from states) still marks a
+    corrupt recording.
+    """
+    for key, values in episode.steps.items():
+        values = np.asarray(values)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = np.argwhere(~np.isfinite(values))[0]
+            raise ValueError(
+                f"expected finite values, got {values[tuple(bad)]!r} in step key {key!r} at index {tuple(int(i) for i in bad)!r} "
+                f"({int((~np.isfinite(values)).sum())} non-finite in all)"
+            )
     trajectory = spec.transform(episode.steps)
     action = np.asarray(trajectory.action)
     if action.ndim != 2 or action.shape[1] != spec.action_dim:
