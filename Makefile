@@ -3,11 +3,13 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo_out
 
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
+# torch first, pinned: an unpinned torch (pulled in by an extra) would fetch GBs of CUDA wheels.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
@@ -16,13 +18,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/vlaprep demo --output demo_out
+	$(BIN)/vlaprep demo --output $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest tests
 
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/stats_benchmark.py
 
 clean:
-	rm -rf demo_out build *.egg-info
+	rm -rf $(DEMO_OUT) build *.egg-info
