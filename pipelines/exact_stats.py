@@ -236,6 +236,8 @@ class OrderStatisticPlan:
     count: int
     quantiles: tuple[float, ...]
     wanted: tuple[tuple[tuple[int, int, int], ...], ...]
+    minimum: tuple[float, ...] = ()  # per dim, for the display histogram's range
+    maximum: tuple[float, ...] = ()
 
     @functools.cached_property
     def prefix_table(self) -> np.ndarray:
@@ -258,7 +260,26 @@ def plan_order_statistics(acc: MomentsAccumulator, quantiles=(0.01, 0.99)) -> Or
             first = int(cumulative[pos - 1]) if pos > 0 else 0
             entries.append((rank, int(acc.prefix_keys[j][pos]), first))
         wanted.append(tuple(entries))
-    return OrderStatisticPlan(count=n, quantiles=tuple(quantiles), wanted=tuple(wanted))
+    return OrderStatisticPlan(
+        count=n,
+        quantiles=tuple(quantiles),
+        wanted=tuple(wanted),
+        minimum=tuple(float(v) for v in acc.minimum),
+        maximum=tuple(float(v) for v in acc.maximum),
+    )
+
+
+HISTOGRAM_BINS = 64
+
+
+def histogram_bins(rows: np.ndarray, plan: OrderStatisticPlan) -> np.ndarray:
+    """[N, D] -> [D, HISTOGRAM_BINS] int64 counts of equal-width bins over each dim's [min, max]."""
+    lo = np.asarray(plan.minimum, np.float64)
+    span = np.asarray(plan.maximum, np.float64) - lo
+    scaled = (rows.astype(np.float64) - lo) / np.where(span > 0, span, 1.0) * HISTOGRAM_BINS
+    index = np.clip(np.floor(scaled).astype(np.int64), 0, HISTOGRAM_BINS - 1)  # [N, D]
+    flat = index + np.arange(rows.shape[1])[None, :] * HISTOGRAM_BINS
+    return np.bincount(flat.reshape(-1), minlength=rows.shape[1] * HISTOGRAM_BINS).reshape(rows.shape[1], HISTOGRAM_BINS)
 
 
 @dataclasses.dataclass
@@ -270,6 +291,7 @@ class SelectionAccumulator:
     counts: list = None  # per dim: int64 counts
     pending: list = None  # per dim: list of unsorted selected keys awaiting compaction
     pending_count: int = 0
+    histogram: np.ndarray = None  # [D, HISTOGRAM_BINS] int64, for people to check normalization by eye
 
     def __post_init__(self):
         if self.keys is None:
@@ -277,9 +299,14 @@ class SelectionAccumulator:
             self.counts = [np.zeros(0, np.int64) for _ in range(self.dim)]
         if self.pending is None:
             self.pending = [[] for _ in range(self.dim)]
+        if self.histogram is None:
+            self.histogram = np.zeros((self.dim, HISTOGRAM_BINS), np.int64)
 
     def add(self, rows: np.ndarray, plan: OrderStatisticPlan) -> "SelectionAccumulator":
-        keys = order_keys(canonical_float32(rows))  # [N, D]
+        rows = canonical_float32(rows)
+        if plan.minimum:
+            self.histogram += histogram_bins(rows, plan)
+        keys = order_keys(rows)  # [N, D]
         table = plan.prefix_table  # [D, W]
         hit = ((keys >> np.uint32(32 - PREFIX_BITS))[:, :, None] == table[None, :, :]).any(axis=2)  # [N, D]
         for j in np.flatnonzero(hit.any(axis=0)):
@@ -305,6 +332,7 @@ class SelectionAccumulator:
         other.compact()
         for j in range(self.dim):
             self.keys[j], self.counts[j] = _sparse_add(self.keys[j], self.counts[j], other.keys[j], other.counts[j])
+        self.histogram = self.histogram + other.histogram
         return self
 
     def order_statistic(self, j: int, rank: int, prefix: int, first_rank: int) -> np.float32:

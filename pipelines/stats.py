@@ -189,19 +189,26 @@ def field_statistics(moments: MomentsAccumulator, selection: SelectionAccumulato
     }
 
 
+HISTOGRAM_KEY = "_histogram"  # travels with the action block to the driver, which pops it before writing
+
+
 def openvla_entry(fields: dict, num_trajectories: int, mask: tuple[bool, ...]) -> dict:
     """OpenVLA's per-dataset block: key order action{mean,std,max,min,q01,q99,mask}, proprio{...},
     num_transitions, num_trajectories. Without proprio statistics the block is zeros of the action width."""
     action = dict(fields[ACTION])
+    histogram = action.pop(HISTOGRAM_KEY, None)
     action["mask"] = [bool(m) for m in mask]
     width = len(action["mean"])
     proprio = fields.get(PROPRIO) or {k: [0.0] * width for k in ("mean", "std", "max", "min", "q01", "q99")}
-    return {
+    entry = {
         "action": action,
         "proprio": proprio,
         "num_transitions": int(fields["_num_transitions"]),
         "num_trajectories": int(num_trajectories),
     }
+    if histogram is not None:
+        entry[HISTOGRAM_KEY] = histogram
+    return entry
 
 
 def _assemble_field(element):
@@ -210,7 +217,10 @@ def _assemble_field(element):
     (plan,) = grouped["plans"]
     (selection,) = grouped["selections"]
     dataset, field = key
-    return dataset, (field, field_statistics(moments, selection, plan), moments.count)
+    stats = field_statistics(moments, selection, plan)
+    if field == ACTION:
+        stats[HISTOGRAM_KEY] = {"counts": selection.histogram.tolist(), "min": list(plan.minimum), "max": list(plan.maximum)}
+    return dataset, (field, stats, moments.count)
 
 
 def _assemble_dataset(element, masks: dict):

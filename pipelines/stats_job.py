@@ -22,7 +22,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vlaprep.pipelines import fingerprint, sources
-from vlaprep.pipelines.stats import ApplyDatasetTransform, ComputeDatasetStatistics
+from vlaprep.pipelines.histogram_png import render_histograms
+from vlaprep.pipelines.stats import HISTOGRAM_KEY, ApplyDatasetTransform, ComputeDatasetStatistics
 from vlaprep.schemas import validate_json
 from vlaprep.transforms.registry import DatasetSpec
 
@@ -165,6 +166,10 @@ def run_stats(
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         quarantine.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
+    for name, entry in new_entries.items():
+        histogram = entry.pop(HISTOGRAM_KEY, None)
+        if histogram is not None:
+            render_histograms(name, histogram, entry["action"], os.path.join(output_dir, f"{name}_histograms.png"))
     missing = [item.name for item in todo if item.name not in new_entries]
     if missing:
         counts = {n: sum(1 for r in quarantine if r["dataset_name"] == n) for n in missing}

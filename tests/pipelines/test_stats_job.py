@@ -111,6 +111,10 @@ def test_bridge_statistics_match_independent_reference(tmp_path, bridge):
     assert len(result.quarantine) == 3, result.quarantine
     assert any("finite" in r["reason"] for r in result.quarantine)
     assert sum("at least 3 steps" in r["reason"] for r in result.quarantine) == 2
+    from PIL import Image
+
+    png = Image.open(tmp_path / "bridge_orig_histograms.png")
+    assert png.format == "PNG" and png.size[0] >= 4 * 300
     on_disk = [json.loads(l) for l in open(tmp_path / "quarantine.jsonl")]
     assert on_disk == result.quarantine
     assert reasons
