@@ -147,27 +147,65 @@ class RLDSShard:
     num_records: int
 
 
-def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[str] = ()) -> Iterator:
+def rlds_keys(spec: DatasetSpec, image_roles: Sequence[str] = ()) -> list[str]:
+    """Step keys to parse: what the transform reads, the language key, the requested cameras."""
+    keys = list(spec.required_keys)
+    for role in image_roles:
+        key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
+        if key is None:
+            raise SourceError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
+        keys.append(key)
+    return sorted(set(keys))
+
+
+def rlds_parser(version_dir: str, keys: Sequence[str], optional: Sequence[str] = ()):
+    """TFDS's own NumPy parser (``ExampleParserNp``) for only ``keys`` (step keys) of the dataset.
+
+    Converting only the subset a consumer needs is what makes statistics cheap: the image bytes of an
+    episode (99% of it) are never turned into arrays, and no TensorFlow op runs per record.
+    """
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import example_parser
+    from tensorflow_datasets.core.utils import py_utils
+
+    builder = tfds.builder_from_directory(version_dir)
+    flat = py_utils.flatten_nest_dict(builder.info.features.get_serialized_info())
+    wanted = {f"steps/{k}" for k in keys}
+    missing = sorted(k for k in wanted if k not in flat)
+    wanted |= {f"steps/{k}" for k in optional if f"steps/{k}" in flat}
+    if missing:
+        present = sorted(k[len("steps/"):] for k in flat if k.startswith("steps/"))
+        raise SourceError(
+            f"expected step keys {[m[len('steps/'):] for m in missing]!r} in {version_dir!r}, got {present!r}; "
+            "hint: check the registry entry's keys against the dataset's features.json"
+        )
+    nested: dict = {}
+    for key in sorted(wanted):
+        node = nested
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = flat[key]
+    return example_parser.ExampleParserNp(nested)
+
+
+def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[str] = (), parser=None) -> Iterator:
     """Yield ``Episode``s of one shard, and ``QuarantineRecord``s for records that cannot be read.
 
-    Uses the same per-shard ``builder.as_dataset(split=f"{split}[{i}shard]")`` read as
-    ``tfds.beam.ReadFromTFDS``, with ``SkipDecoding`` on ``steps`` (Beam cannot pickle nested
-    datasets), plus what ReadFromTFDS cannot give: stable ids (``tfds_id``: file + record index) and
-    fault isolation. A corrupt or truncated shard stops TFRecord reading at the bad record; every
+    The shard is the unit ``tfds.beam.ReadFromTFDS`` reads too; here its TFRecord file is parsed with
+    TFDS's own ``ExampleParser`` restricted to the keys the consumer needs (``rlds_parser``), with
+    ``steps`` left undecoded (Beam cannot pickle nested datasets). Stable ids come from the file name
+    and record index. A corrupt or truncated shard stops TFRecord reading at the bad record; every
     record of the shard not read by then is quarantined, so the accounting still balances.
     """
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
-    builder = tfds.builder_from_directory(shard.version_dir)
-    ds = builder.as_dataset(
-        split=f"{shard.split}[{shard.shard_index}shard]",
-        decoders={"steps": tfds.decode.SkipDecoding()},
-        shuffle_files=False,
-        read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1, try_autocache=False),
-    )
-    seen: set[int] = set()
-    iterator = iter(tfds.as_numpy(ds))
+    if parser is None:
+        parser = rlds_parser(shard.version_dir, rlds_keys(spec, image_roles), optional=[spec.language_key] if spec.language_key else [])
+    path = os.path.join(shard.version_dir, shard.filename)
+    # TensorFlow's reader checks every record's CRC32C (how flipped bytes and truncation are caught).
+    iterator = tf.data.TFRecordDataset(path, buffer_size=8 << 20).as_numpy_iterator()
+    index = 0
     while True:
         try:
             example = next(iterator)
@@ -176,23 +214,20 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             beam.metrics.Metrics.counter(_NAMESPACE, "rlds_corrupt_shards").inc()
-            for index in range(shard.num_records):
-                if index not in seen:
-                    yield QuarantineRecord(
-                        spec.name,
-                        f"{shard.split}/{shard.filename}/{index}",
-                        "read",
-                        f"unreadable record in {shard.filename} (read {len(seen)} of {shard.num_records}): "
-                        f"{type(e).__name__}: {reason[:300]}",
-                    )
+            for lost in range(index, max(index + 1, shard.num_records)):
+                yield QuarantineRecord(
+                    spec.name,
+                    f"{shard.split}/{shard.filename}/{lost}",
+                    "read",
+                    f"unreadable record in {shard.filename} (read {index} of {shard.num_records}): "
+                    f"{type(e).__name__}: {reason[:300]}",
+                )
             return
-        tfds_id = _decode_text(example["tfds_id"])
-        index = int(tfds_id.rsplit("__", 1)[1])
-        seen.add(index)
         episode_id = f"{shard.split}/{shard.filename}/{index}"
+        index += 1
         try:
-            yield decode_rlds_example(example, spec, episode_id, shard.split, image_roles)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            yield decode_rlds_example(parser.parse_example(example), spec, episode_id, shard.split, image_roles)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError) as e:
             yield QuarantineRecord(spec.name, episode_id, "read", f"{type(e).__name__}: {e}")
 
 
@@ -200,9 +235,17 @@ class _ReadRLDSShardFn(beam.DoFn):
     def __init__(self, spec: DatasetSpec, image_roles: Sequence[str]):
         self._spec = spec
         self._image_roles = tuple(image_roles)
+        self._parsers = None
+
+    def setup(self):
+        self._parsers = {}  # version dir -> parser; built once per worker, not per shard
 
     def process(self, shard: RLDSShard):
-        for item in read_rlds_shard(shard, self._spec, self._image_roles):
+        parser = self._parsers.get(shard.version_dir)
+        if parser is None:
+            optional = [self._spec.language_key] if self._spec.language_key else []
+            parser = self._parsers[shard.version_dir] = rlds_parser(shard.version_dir, rlds_keys(self._spec, self._image_roles), optional)
+        for item in read_rlds_shard(shard, self._spec, self._image_roles, parser):
             if isinstance(item, QuarantineRecord):
                 beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_read").inc()
                 yield beam.pvalue.TaggedOutput(QUARANTINE, item)
@@ -235,6 +278,8 @@ class ReadRLDS(beam.PTransform):
             if missing:
                 raise SourceError(f"expected splits {missing!r} in {self._version_dir!r}, got {sorted(per_split_index)!r}")
         self.shards = tuple(shards)
+        # Fail at once, on the launcher, if the dataset lacks a key its registry entry needs.
+        rlds_parser(self._version_dir, rlds_keys(spec, self._image_roles))
 
     def expand(self, pbegin):
         results = (

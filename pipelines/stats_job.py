@@ -35,6 +35,7 @@ QUARANTINE_FILE = "quarantine.jsonl"
 DEFAULT_BEAM_ARGS = (
     "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner",
     "--direct_running_mode=multi_processing",
+    "--default_sdk_harness_log_level=WARNING",
 )
 
 
