@@ -374,7 +374,7 @@ def calvin_frame_path(split_dir: str, frame: int) -> str:
 
 
 def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Sequence[str] = ()) -> Episode:
-    """Read frames ``[start, end)`` of one window into an ``Episode`` (vectors as float32).
+    """Read frames ``[start, end)`` of one window into an ``Episode`` (vectors in their stored dtype).
 
     Raises ``ValueError`` naming the frame for a window outside its play segment, a missing frame file,
     or a frame without the expected keys/shapes.
@@ -415,8 +415,9 @@ def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Seq
         shapes = {np.shape(v) for v in values}
         if len(shapes) != 1:
             raise ValueError(f"expected one shape for {key!r} across window [{window.start}, {window.end}), got {sorted(shapes)!r}")
-        array = np.stack(values)
-        steps[key] = array.astype(np.float32) if array.dtype.kind == "f" else array
+        # Kept in the stored dtype (float64 in real CALVIN files): recomputing rel_actions needs the
+        # full precision of actions - robot_obs; transforms emit float32.
+        steps[key] = np.stack(values)
     images = {}
     for role, values in frames.items():
         array = np.stack(values)
