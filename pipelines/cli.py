@@ -62,6 +62,78 @@ def _cmd_stats(args, beam_args):
     return 0
 
 
+def _cmd_shards(args, beam_args):
+    from vlaprep.pipelines.shards import ShardsArgumentError
+    from vlaprep.pipelines.shards_job import run_shards, summary
+    from vlaprep.pipelines.stats_job import stderr_log
+
+    inputs = parse_dataset_args(args.dataset, args.registry)
+    try:
+        result = run_shards(
+            inputs, args.statistics, args.tokenizer, args.output,
+            heldout_fraction=args.heldout_fraction, seed=args.seed, image_size=args.image_size,
+            cameras=args.cameras, target_shard_mb=args.target_shard_mb, action_chunk=args.action_chunk,
+            normalization=args.normalization, action_encoding=args.action_encoding,
+            beam_args=beam_args, log=stderr_log,
+        )
+    except ShardsArgumentError as e:
+        raise UsageError(str(e)) from None
+    print(summary(result))
+    print(f"wrote {os.path.join(args.output, 'manifest.json')} in {result.seconds:.1f}s")
+    return 0
+
+
+def _cmd_validate(args, beam_args):
+    from vlaprep.pipelines.stats_job import stderr_log
+    from vlaprep.pipelines.validate import ValidationError
+    from vlaprep.pipelines.validate_job import run_validate, summary_text
+
+    try:
+        result = run_validate(args.shards, args.model, args.output, split=args.split, batch_size=args.batch_size,
+                              device=args.device, max_samples=args.max_samples, trust_remote_code=args.trust_remote_code,
+                              statistics=args.statistics, beam_args=beam_args, log=stderr_log)
+    except ValidationError as e:
+        raise UsageError(str(e)) from None
+    print(summary_text(result.report))
+    print(f"wrote {result.report_path}")
+    return 0
+
+
+def _cmd_run(args, beam_args):
+    from vlaprep.pipelines.run_job import RunConfigError, load_run_config, run_pipeline_config
+    from vlaprep.pipelines.stats_job import stderr_log
+
+    try:
+        config = load_run_config(args.config)
+    except RunConfigError as e:
+        raise UsageError(str(e)) from None
+    try:
+        run_pipeline_config(config, beam_args=beam_args, force=args.force, log=stderr_log)
+    except RunConfigError as e:
+        raise UsageError(str(e)) from None
+    print(f"outputs in {config.output}")
+    return 0
+
+
+def _cmd_demo(args, beam_args):
+    from vlaprep.pipelines.demo import run_demo
+
+    run_demo(args.output, episodes=args.episodes, calvin_frames=args.calvin_frames, beam_args=beam_args)
+    return 0
+
+
+def _cmd_status(args, beam_args):
+    from vlaprep.pipelines.run_job import RunConfigError, status
+
+    if not os.path.exists(args.target):
+        raise UsageError(f"expected a run output directory or a run config, got {args.target!r}, which does not exist")
+    try:
+        print(status(args.target))
+    except RunConfigError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlaprep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +161,49 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--proprio", action="store_true", help="compute proprio statistics (default: zeros, as OpenVLA)")
     stats.add_argument("--force", action="store_true", help="recompute even when the inputs' fingerprints are unchanged")
     stats.set_defaults(func=_cmd_stats)
+
+    val = sub.add_parser("validate", help="check shard round trip and a model's action-token accuracy on a split")
+    val.add_argument("--shards", required=True, help="shard directory (manifest.json + <split>/shard-*.parquet)")
+    val.add_argument("--model", required=True, help="local image-text-to-text checkpoint directory")
+    val.add_argument("--output", required=True)
+    val.add_argument("--split", default="heldout")
+    val.add_argument("--batch-size", type=int, default=8)
+    val.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    val.add_argument("--max-samples", type=int, default=None, help="rows for the model (evenly spread); default all")
+    val.add_argument("--statistics", default=None, help="dataset_statistics.json (default: the manifest's)")
+    val.add_argument("--trust-remote-code", action="store_true", help="allow checkpoints that ship code (OpenVLA)")
+    val.set_defaults(func=_cmd_validate)
+
+    shards = sub.add_parser("shards", help="write pre-tokenized Parquet training shards (OpenVLA rows)")
+    shards.add_argument("--dataset", action="append", metavar="NAME=PATH", required=True)
+    shards.add_argument("--statistics", required=True, metavar="FILE", help="dataset_statistics.json from vlaprep stats")
+    shards.add_argument("--tokenizer", required=True, metavar="DIR", help="local tokenizer directory (never the hub)")
+    shards.add_argument("--output", required=True, metavar="OUT")
+    shards.add_argument("--heldout-fraction", type=float, default=0.05)
+    shards.add_argument("--seed", type=int, default=0)
+    shards.add_argument("--image-size", type=int, default=224)
+    shards.add_argument("--cameras", default="primary", help="primary or primary,wrist")
+    shards.add_argument("--target-shard-mb", type=float, default=256.0)
+    shards.add_argument("--action-chunk", type=int, default=1)
+    shards.add_argument("--normalization", default="bounds_q99", help="bounds_q99 | bounds | normal | fixed:LOW,HIGH")
+    shards.add_argument("--action-encoding", default="uniform", help="uniform | mu_law[:MU]")
+    shards.add_argument("--registry", default=None, help="YAML file declaring custom datasets")
+    shards.set_defaults(func=_cmd_shards)
+
+    run = sub.add_parser("run", help="statistics -> shards -> validation from one YAML config")
+    run.add_argument("--config", required=True, metavar="run.yaml")
+    run.add_argument("--force", action="store_true", help="recompute every stage even when inputs are unchanged")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="generate RLDS + CALVIN demo data and `vlaprep run` over both")
+    demo.add_argument("--output", default="demo_out")
+    demo.add_argument("--episodes", type=int, default=60)
+    demo.add_argument("--calvin-frames", type=int, default=900)
+    demo.set_defaults(func=_cmd_demo)
+
+    st = sub.add_parser("status", help="what a run directory holds and what a run would redo")
+    st.add_argument("target", metavar="OUT_or_run.yaml")
+    st.set_defaults(func=_cmd_status)
     return parser
 
 
