@@ -1,0 +1,193 @@
+"""``vlaprep validate``: run ``ValidateShards`` over one split and write the report.
+
+Outputs in ``VAL``:
+  validation_report.json   data round trip + model metrics (schemas/validation_report.schema.json)
+  predictions.jsonl        one line per sampled row: dataset_name, episode_id, step_index,
+                           action_token_ids (stored), generated_token_ids; sorted by those keys
+
+Runner: unless ``--runner`` is given, Beam's FnApiRunner runs in-process with one worker
+(``--direct_running_mode=in_memory --direct_num_workers=1``): the model is loaded once and owns the
+device. Pass ``--direct_num_workers`` / ``--direct_running_mode`` (or another runner) to change that;
+every worker process then loads its own copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+
+import apache_beam as beam
+
+from vlaprep.pipelines.stats_job import beam_options, write_json_atomic
+from vlaprep.pipelines.validate import (
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    ModelAccumulator,
+    ModelSpec,
+    RoundTripAccumulator,
+    ValidateShards,
+    ValidationError,
+    build_report,
+    load_layout,
+    model_kind,
+    resolve_device,
+)
+from vlaprep.schemas import validate_json
+
+
+def validate_beam_options(beam_args: Sequence[str]):
+    """``beam_options`` with in-process, single-worker defaults (one model copy) unless the user chose."""
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        if not any(a.startswith("--direct_running_mode") for a in args):
+            args.append("--direct_running_mode=in_memory")
+        if not any(a.startswith("--direct_num_workers") for a in args):
+            args.append("--direct_num_workers=1")
+    return beam_options(args)
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    report: dict
+    report_path: str
+    predictions_path: str
+
+
+def _read_lines(directory: str) -> list:
+    out = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name)) as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def run_validate(
+    shards_dir: str,
+    model_dir: str,
+    output_dir: str,
+    *,
+    split: str = "heldout",
+    batch_size: int = 8,
+    device: str = "auto",
+    max_samples: int | None = None,
+    trust_remote_code: bool = False,
+    statistics: str | None = None,
+    beam_args: Sequence[str] = (),
+    log=print,
+) -> ValidationResult:
+    """Validates ``split`` of ``shards_dir`` and ``model_dir`` on it; writes ``output_dir/validation_report.json``."""
+    started = time.time()
+    if max_samples is not None and max_samples < 1:
+        raise ValidationError(f"expected --max-samples >= 1, got {max_samples}")
+    if not os.path.isdir(model_dir):
+        raise ValidationError(f"expected a local model directory for --model, got {model_dir!r}")
+    kind, _ = model_kind(model_dir, trust_remote_code)  # refuses remote code early, one line
+    layout = load_layout(shards_dir, split, statistics)
+    tok = layout.tokenizer
+    spec = ModelSpec(
+        path=os.path.abspath(model_dir),
+        num_new_tokens=layout.action_chunk * layout.action_dim,
+        action_token_min=tok.min_token_id,
+        action_token_max=tok.max_token_id,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        batch_size=batch_size,
+    )
+    if device != "auto":
+        resolve_device(device)  # fail here, not in a worker, when CUDA is asked for and absent
+    log(
+        f"[validate] {split}: {layout.rows} rows in {len(layout.files)} files, datasets "
+        f"{', '.join(layout.dataset_rows)}; model {model_dir} ({kind}), "
+        f"{'all' if max_samples is None else f'at most {max_samples}'} samples"
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=".validate-work-", dir=output_dir)
+    try:
+        with beam.Pipeline(options=validate_beam_options(beam_args)) as pipeline:
+            outputs = pipeline | "Validate" >> ValidateShards(layout, spec, max_samples)
+            for name in ("round_trip", "model"):
+                _ = (
+                    outputs[name]
+                    | f"{name}Json" >> beam.MapTuple(lambda key, acc: json.dumps([key, acc.to_json()]))
+                    | f"Write[{name}]" >> beam.io.WriteToText(os.path.join(work_dir, name, "part"), num_shards=1)
+                )
+            _ = (
+                outputs["predictions"]
+                | "PredictionJson" >> beam.Map(json.dumps)
+                | "WritePredictions" >> beam.io.WriteToText(os.path.join(work_dir, "predictions", "part"), num_shards=1)
+            )
+        round_trip = {k: RoundTripAccumulator.from_json(v) for k, v in _read_lines(os.path.join(work_dir, "round_trip"))}
+        model = {k: ModelAccumulator.from_json(v) for k, v in _read_lines(os.path.join(work_dir, "model"))}
+        predictions = _read_lines(os.path.join(work_dir, "predictions"))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    predictions.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["step_index"]))
+    report = build_report(
+        layout,
+        spec,
+        round_trip,
+        model,
+        model_kind_name=kind,
+        max_samples=max_samples,
+        wall_seconds=time.time() - started,
+    )
+    validate_json(report, "validation_report")
+    predictions_path = os.path.join(output_dir, PREDICTIONS_FILE)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=output_dir)
+    with os.fdopen(fd, "w") as f:
+        for record in predictions:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, predictions_path)
+    report_path = os.path.join(output_dir, REPORT_FILE)
+    write_json_atomic(report_path, report)
+    return ValidationResult(report, report_path, predictions_path)
+
+
+def _fmt(value, spec=".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_text(report: dict) -> str:
+    """Human-readable summary: round trip per dataset and dim, then the model's accuracy and speed."""
+    m = report["manifest"]
+    lines = [
+        f"split {report['split']}: {m['rows']} rows, action chunk {m['action_chunk']} x {m['action_dim']}, "
+        f"{m['normalization']}, {m['action_encoding']} tokens {m['action_token_ids'][0]}..{m['action_token_ids'][1]}",
+        "data round trip (stored tokens -> actions vs raw):",
+    ]
+    for name, block in report["round_trip"]["datasets"].items():
+        lines.append(
+            f"  {name}: {block['rows']} rows, token==encode(normalize(raw)) {_fmt(block['token_matches_encoding'])}, "
+            f"in-range within half a bin {_fmt(block['in_range_within_half_bin'])}, "
+            f"token round trip {_fmt(block['token_roundtrip_accuracy'])} "
+            f"(+{block['top_bin_values']} top-bin ids -> next id, OpenVLA quirk), "
+            f"invalid ids {block['invalid_token_ids']}"
+        )
+        lines.append(f"    {'dim':>3} {'norm':>4} {'max|err|':>10} {'mean|err|':>10} {'max in-rng':>10} {'in-range':>8} {'saturated':>9}")
+        for d in block["per_dim"]:
+            flag = ("yes" if d["normalized"] else "no") + ("*" if d["constant"] else "")
+            lines.append(
+                f"    {d['dim']:>3} {flag:>4} {d['raw_abs_error_max']:>10.3g} {_fmt(d['raw_abs_error_mean'], '>10.3g')} "
+                f"{d['raw_abs_error_max_in_range']:>10.3g} {_fmt(d['in_range_fraction'], '>8.4f')} "
+                f"{_fmt(d['saturated_fraction'], '>9.4f')}"
+            )
+    model = report["model"]
+    o = model["overall"]
+    lines.append(
+        f"model {model['path']} ({model['kind']}, {model['device']}, {model['dtype']}, batch {model['batch_size']}): "
+        f"{model['samples']} samples, {_fmt(model['samples_per_second'], '.2f')} samples/s"
+    )
+    lines.append(
+        f"  exact {_fmt(o['exact_accuracy'])} (chance {model['chance_exact_accuracy']:.4f}), within 1 bin "
+        f"{_fmt(o['within_one_bin_accuracy'])}, L1 normalized {_fmt(o['l1_normalized'])}, L1 raw {_fmt(o['l1_raw'], '.4g')}, "
+        f"outside action ids {o['outside_action_range']}"
+    )
+    for name, block in model["datasets"].items():
+        per_dim = " ".join(_fmt(d["exact_accuracy"], ".3f") for d in block["per_dim"])
+        lines.append(f"  {name}: {block['samples']} samples, exact {_fmt(block['exact_accuracy'])}, per dim [{per_dim}]")
+    return "\n".join(lines)
