@@ -1,0 +1,90 @@
+"""Portability: the job-server protocol Flink and Spark use, with workers in a separate process.
+
+Starts Beam's Python job service and an EXTERNAL worker pool on loopback ports (bounded time, stopped by
+pid), runs the statistics and shard pipelines through ``PortableRunner`` and compares the outputs byte for
+byte with the in-process runner's.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+from vlaprep.synthetic.rlds import generate_rlds
+from vlaprep.transforms.registry import get_spec
+
+IN_PROCESS = ["--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner", "--direct_running_mode=in_memory"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"expected a service on port {port} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def portable_services():
+    job_port, pool_port = _free_port(), _free_port()
+    # The worker pool starts SDK harnesses with `python` from PATH: make that this venv's interpreter.
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": path}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", f"--port={job_port}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True),
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True),
+    ]
+    try:
+        _wait_for_port(job_port, procs[0])
+        _wait_for_port(pool_port, procs[1])
+        yield [
+            "--runner=PortableRunner",
+            f"--job_endpoint=localhost:{job_port}",
+            "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{pool_port}",
+        ]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate_rlds(tmp_path_factory.mktemp("portable"), episodes=12, seed=9, image_size=32, num_shards=3,
+                         nan_episodes=1, short_episodes=(2,))
+
+
+@pytest.mark.timeout(300)
+def test_stats_identical_through_job_service_and_external_workers(tmp_path, dataset, portable_services):
+    inputs = [DatasetInput("bridge_orig", str(dataset), get_spec("bridge_orig"))]
+    local = run_stats(inputs, str(tmp_path / "local"), beam_args=IN_PROCESS, log=lambda m: None)
+    remote = run_stats(inputs, str(tmp_path / "portable"), beam_args=portable_services, log=lambda m: None)
+    assert remote.computed == ["bridge_orig"]
+    assert (tmp_path / "local/dataset_statistics.json").read_bytes() == (tmp_path / "portable/dataset_statistics.json").read_bytes()
+    assert (tmp_path / "local/quarantine.jsonl").read_bytes() == (tmp_path / "portable/quarantine.jsonl").read_bytes()
+    assert len(local.quarantine) == 2
