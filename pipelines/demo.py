@@ -66,5 +66,7 @@ def run_demo(output: str, episodes: int = 60, calvin_frames: int = 900, beam_arg
         yaml.safe_dump(config, f, sort_keys=False)
     log(f"[demo] running `vlaprep run --config {config_path}`")
     summary = run_pipeline_config(load_run_config(config_path), beam_args=beam_args, log=log)
-    _log(f"[demo] done in {time.time() - started:.0f}s; outputs in {os.path.join(output, 'run')}")
+    run_dir = os.path.join(output, "run")
+    _log(f"[demo] done in {time.time() - started:.0f}s; published {summary.get('version')} under {run_dir} "
+         f"(see {os.path.join(run_dir, 'LATEST')})")
     return summary

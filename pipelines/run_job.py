@@ -1,11 +1,12 @@
 """``vlaprep run --config run.yaml``: statistics -> shards -> validation for a list of datasets.
 
-Outputs in the config's ``output`` directory:
-  stats/        dataset_statistics.json (+ cache, quarantine, histograms)      ``vlaprep stats``
-  shards/       train/ heldout/ quarantine/ manifest.json                       ``vlaprep shards``
-  validation/   validation_report.json, predictions.jsonl                       ``vlaprep validate``
-  run_state.json   per stage: fingerprint of its inputs and options, when it last ran
-  run_summary.json the accounting and headline numbers of the last run
+Outputs in the config's ``output`` directory (immutable versions + an atomic pointer):
+  LATEST                      {"version", "fingerprints" per stage, "history"}: replaced last, atomically
+  versions/<version>/stats/        dataset_statistics.json (+ cache, quarantine, histograms)
+  versions/<version>/shards/       train/ heldout/ quarantine/ manifest.json
+  versions/<version>/validation/   validation_report.json, predictions.jsonl
+  versions/<version>/run_summary.json   accounting and headline numbers
+Training jobs read ``LATEST`` and then ``versions/<version>/shards`` (``vlaprep.loader`` does this).
 
 A stage is reused when the fingerprint of its inputs is unchanged (statistics also per dataset, see
 ``stats_job``): shards depend on the datasets' content, the statistics file, the tokenizer files and
@@ -25,6 +26,7 @@ Config (YAML)::
              action_chunk: 1, normalization: bounds_q99, action_encoding: uniform}
     validate: {split: heldout, batch_size: 8, device: auto, max_samples: 256}
     beam_args: ["--direct_num_workers=2"]   # any Beam pipeline options; the command line adds to them
+    keep_versions: 3                        # published versions kept (newest first)
 
 Relative paths are resolved against the config file's directory.
 """
@@ -34,18 +36,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Sequence
 
 import yaml
 
 from vlaprep.pipelines import fingerprint
-from vlaprep.pipelines.stats_job import DatasetInput, dataset_fingerprint, run_stats, summary_table, write_json_atomic
+from vlaprep.pipelines.stats_job import CACHE_FILE, DatasetInput, dataset_fingerprint, run_stats, summary_table, write_json_atomic
 from vlaprep.transforms.registry import get_spec, merged_registry
 
-STATE_FILE = "run_state.json"
 SUMMARY_FILE = "run_summary.json"
-_TOP_KEYS = {"output", "tokenizer", "model", "registry", "datasets", "stats", "shards", "validate", "beam_args", "trust_remote_code"}
+LATEST_FILE = "LATEST"
+VERSIONS_DIR = "versions"
+_TOP_KEYS = {"output", "tokenizer", "model", "registry", "datasets", "stats", "shards", "validate", "beam_args",
+             "trust_remote_code", "keep_versions"}
 _SHARD_KEYS = {"heldout_fraction", "seed", "image_size", "cameras", "target_shard_mb", "action_chunk", "normalization", "action_encoding"}
 _VALIDATE_KEYS = {"split", "batch_size", "device", "max_samples"}
 
@@ -66,6 +71,7 @@ class RunConfig:
     validate: dict
     beam_args: tuple[str, ...]
     trust_remote_code: bool = False
+    keep_versions: int = 3
 
 
 def _resolve(base: str, path: str | None) -> str | None:
@@ -119,6 +125,7 @@ def load_run_config(path: str) -> RunConfig:
         validate=validate,
         beam_args=tuple(str(a) for a in raw.get("beam_args") or ()),
         trust_remote_code=bool(raw.get("trust_remote_code", False)),
+        keep_versions=int(raw.get("keep_versions", 3)),
     )
 
 
@@ -153,61 +160,108 @@ def stage_fingerprints(config: RunConfig, inputs: Sequence[DatasetInput]) -> dic
     return fps
 
 
-def _load_state(output: str) -> dict:
-    path = os.path.join(output, STATE_FILE)
+def _read_json(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     return {}
 
 
-def _stage_done(state: dict, stage: str, fp: str, output_ok: bool) -> bool:
-    return output_ok and state.get(stage, {}).get("fingerprint") == fp
+def read_latest(output: str) -> dict:
+    """The published pointer ``{"version", "fingerprints", "history"}``, or {} before the first publish."""
+    return _read_json(os.path.join(output, LATEST_FILE))
+
+
+def latest_version_dir(output: str) -> str | None:
+    latest = read_latest(output)
+    return os.path.join(output, VERSIONS_DIR, latest["version"]) if latest else None
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Carry an unchanged stage over into the new version: hard links (published files are immutable)."""
+    tmp = f"{dst}.carry-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for root, _dirs, names in os.walk(src):
+        rel = os.path.relpath(root, src)
+        os.makedirs(os.path.join(tmp, rel), exist_ok=True)
+        for name in names:
+            a, b = os.path.join(root, name), os.path.join(tmp, rel, name)
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def _apply_retention(output: str, keep: list[str]) -> list[str]:
+    versions_root = os.path.join(output, VERSIONS_DIR)
+    removed = []
+    for name in sorted(os.listdir(versions_root)):
+        if name not in keep:
+            shutil.rmtree(os.path.join(versions_root, name), ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force: bool = False, log=print) -> dict:
-    """Run the three stages; return the run summary (also written to ``output/run_summary.json``)."""
-    from vlaprep.pipelines.shards_job import run_shards, summary, verify_output
+    """Run the three stages into an immutable version directory, then publish it.
+
+    ``OUT/versions/<version>/{stats,shards,validation}`` where ``version`` is derived from the stage
+    fingerprints (same inputs and options -> same version). Stages whose fingerprint equals the
+    previous version's are carried over by hard links; statistics are also reused per dataset. Only
+    when every stage succeeded is ``OUT/LATEST`` replaced (temp + rename): a reader that follows it
+    never sees a half-written version, and an interrupted run leaves the previous version published.
+    Versions beyond ``keep_versions`` (newest first) are then deleted.
+    """
+    from vlaprep.pipelines.shards_job import run_shards, summary
 
     started = time.time()
     args = list(config.beam_args) + list(beam_args)
     inputs = _dataset_inputs(config)
-    os.makedirs(config.output, exist_ok=True)
-    state = _load_state(config.output)
+    os.makedirs(os.path.join(config.output, VERSIONS_DIR), exist_ok=True)
     fps = stage_fingerprints(config, inputs)
-    stats_dir = os.path.join(config.output, "stats")
-    shards_dir = os.path.join(config.output, "shards")
-    val_dir = os.path.join(config.output, "validation")
-    summary_doc: dict[str, Any] = {"datasets": [d["name"] for d in config.datasets], "stages": {}}
+    version = "v-" + fingerprint.combine(fps)[:16]
+    latest = read_latest(config.output)
+    previous = os.path.join(config.output, VERSIONS_DIR, latest["version"]) if latest else None
+    previous_fps = latest.get("fingerprints", {}) if latest else {}
+    vdir = os.path.join(config.output, VERSIONS_DIR, version)
+    if latest.get("version") == version:
+        if not force:
+            log(f"[run] {version} is published and its inputs are unchanged: nothing to do")
+            return _read_json(os.path.join(vdir, SUMMARY_FILE))
+        # A published version is immutable: a forced rebuild of the same inputs gets its own directory.
+        version = f"{version}-r{int(time.time())}"
+        vdir = os.path.join(config.output, VERSIONS_DIR, version)
+    os.makedirs(vdir, exist_ok=True)
+    stats_dir, shards_dir, val_dir = (os.path.join(vdir, d) for d in ("stats", "shards", "validation"))
+    summary_doc: dict[str, Any] = {
+        "version": version,
+        "datasets": {d["name"]: {"path": d["path"], "weight": d["weight"]} for d in config.datasets},
+        "stages": {},
+    }
 
+    log(f"[run] building {version} in {vdir}")
     log(f"[run] 1/3 statistics for {', '.join(i.name for i in inputs)}")
+    if previous and not force and os.path.exists(os.path.join(previous, "stats", CACHE_FILE)) and not os.path.exists(os.path.join(stats_dir, CACHE_FILE)):
+        os.makedirs(stats_dir, exist_ok=True)  # per-dataset reuse: unchanged datasets are not re-read
+        shutil.copy2(os.path.join(previous, "stats", CACHE_FILE), os.path.join(stats_dir, CACHE_FILE))
     stats = run_stats(inputs, stats_dir, with_proprio=bool(config.stats.get("proprio", False)), force=force, beam_args=args, log=log)
     log(summary_table(stats))
     summary_doc["stages"]["stats"] = {"computed": stats.computed, "reused": stats.reused, "quarantined": len(stats.quarantine)}
-    state["stats"] = {"fingerprint": fps["stats"]}
-    write_json_atomic(os.path.join(config.output, STATE_FILE), state)
 
     statistics_file = os.path.join(stats_dir, "dataset_statistics.json")
-    shards_ok = False
-    if os.path.exists(os.path.join(shards_dir, "manifest.json")):
-        try:
-            verify_output(shards_dir)
-            shards_ok = True
-        except (ValueError, OSError):
-            shards_ok = False
-    if not force and _stage_done(state, "shards", fps["shards"], shards_ok):
-        log(f"[run] 2/3 shards: inputs unchanged (fingerprint {fps['shards'][:12]}), reusing {shards_dir}")
-        with open(os.path.join(shards_dir, "manifest.json")) as f:
-            manifest = json.load(f)
+    if previous and not force and previous_fps.get("shards") == fps["shards"] and os.path.exists(os.path.join(previous, "shards", "manifest.json")):
+        log(f"[run] 2/3 shards: inputs unchanged (fingerprint {fps['shards'][:12]}), carried over from {latest['version']}")
+        if os.path.abspath(previous) != os.path.abspath(vdir):
+            _link_tree(os.path.join(previous, "shards"), shards_dir)
         summary_doc["stages"]["shards"] = {"reused": True}
     else:
         log("[run] 2/3 shards (tokenize, resize images, write Parquet)")
         result = run_shards(inputs, statistics_file, config.tokenizer, shards_dir, beam_args=args, log=log, **config.shards)
-        manifest = result.manifest
         log(summary(result))
         summary_doc["stages"]["shards"] = {"reused": False, "seconds": round(result.seconds, 2)}
-        state["shards"] = {"fingerprint": fps["shards"]}
-        write_json_atomic(os.path.join(config.output, STATE_FILE), state)
+    manifest = _read_json(os.path.join(shards_dir, "manifest.json"))
     summary_doc["accounting"] = manifest["accounting"]
     summary_doc["splits"] = manifest["splits"]
 
@@ -215,57 +269,71 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
         from vlaprep.pipelines.validate_job import run_validate, summary_text
 
         report_path = os.path.join(val_dir, "validation_report.json")
-        if not force and _stage_done(state, "validate", fps["validate"], os.path.exists(report_path)):
-            log(f"[run] 3/3 validation: inputs unchanged, reusing {report_path}")
-            with open(report_path) as f:
-                report = json.load(f)
+        prev_report = os.path.join(previous, "validation", "validation_report.json") if previous else ""
+        if previous and not force and previous_fps.get("validate") == fps["validate"] and os.path.exists(prev_report):
+            log(f"[run] 3/3 validation: inputs unchanged, carried over from {latest['version']}")
+            if os.path.abspath(previous) != os.path.abspath(vdir):
+                _link_tree(os.path.join(previous, "validation"), val_dir)
+            summary_doc["stages"]["validate"] = {"reused": True}
         else:
             log("[run] 3/3 validation (model inference over held-out episodes)")
             v = config.validate
-            report = run_validate(
+            run_validate(
                 shards_dir, config.model, val_dir, split=v.get("split", "heldout"), batch_size=int(v.get("batch_size", 8)),
                 device=v.get("device", "auto"), max_samples=v.get("max_samples"), trust_remote_code=config.trust_remote_code,
                 statistics=statistics_file, beam_args=args, log=log,
-            ).report
-            state["validate"] = {"fingerprint": fps["validate"]}
-            write_json_atomic(os.path.join(config.output, STATE_FILE), state)
+            )
+            summary_doc["stages"]["validate"] = {"reused": False}
+        report = _read_json(report_path)
         log(summary_text(report))
-        summary_doc["validation"] = {"report": os.path.relpath(report_path, config.output)}
+        summary_doc["validation"] = {
+            "report": os.path.relpath(report_path, vdir),
+            "exact_accuracy": report.get("model", {}).get("overall", {}).get("exact_accuracy"),
+        }
     else:
         log("[run] 3/3 validation skipped: no `model` in the config")
     summary_doc["seconds"] = round(time.time() - started, 2)
-    write_json_atomic(os.path.join(config.output, SUMMARY_FILE), summary_doc)
+    write_json_atomic(os.path.join(vdir, SUMMARY_FILE), summary_doc)
+    # Publish: the pointer is replaced last, atomically.
+    history = [version] + [v for v in latest.get("history", []) if v != version]
+    keep = history[: max(1, config.keep_versions)]
+    write_json_atomic(os.path.join(config.output, LATEST_FILE), {"version": version, "fingerprints": fps, "history": keep})
+    removed = _apply_retention(config.output, keep)
+    if removed:
+        log(f"[run] retention: removed {', '.join(removed)} (keeping {len(keep)} versions)")
+    log(f"[run] published {version}: {os.path.join(config.output, LATEST_FILE)} -> {vdir}")
     return summary_doc
 
 
 def status(config_or_output: str) -> str:
-    """What was produced when, from which inputs, and what a run would redo (needs the config)."""
-    lines = []
+    """What is published, from which inputs, and (given the config) what a run would redo."""
     if os.path.isfile(config_or_output):
         config = load_run_config(config_or_output)
         output = config.output
         fps = stage_fingerprints(config, _dataset_inputs(config))
     else:
         config, output, fps = None, config_or_output, {}
-    state = _load_state(output)
-    if not state:
-        return f"{output}: no vlaprep run has completed a stage here"
+    latest = read_latest(output)
+    if not latest:
+        return f"{output}: nothing published yet (no {LATEST_FILE})"
+    vdir = os.path.join(output, VERSIONS_DIR, latest["version"])
+    summary_doc = _read_json(os.path.join(vdir, SUMMARY_FILE))
+    published = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(os.path.join(output, LATEST_FILE))))
+    lines = [f"{output}: published {latest['version']} at {published} (kept: {', '.join(latest.get('history', []))})"]
+    for name, d in summary_doc.get("datasets", {}).items():
+        lines.append(f"  input {name}: {d['path']} (weight {d['weight']})")
     for stage in ("stats", "shards", "validate"):
-        if stage not in state:
-            lines.append(f"{stage:9} never ran")
+        fp = latest["fingerprints"].get(stage)
+        if fp is None:
+            lines.append(f"  {stage:9} not part of this version")
             continue
-        fp = state[stage]["fingerprint"]
         if fps:
             redo = "up to date" if fps.get(stage) == fp else "would be recomputed (inputs changed)"
         else:
             redo = "pass the run config to see what a run would redo"
-        lines.append(f"{stage:9} fingerprint {fp[:12]}  {redo}")
-    manifest = os.path.join(output, "shards", "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            m = json.load(f)
-        for split, s in m.get("splits", {}).items():
-            lines.append(f"  shards/{split}: {s['files']} files, {s['episodes']} episodes, {s['rows']} rows")
-        for name, acc in m.get("accounting", {}).items():
-            lines.append(f"  {name}: read {acc['read']}, train {acc['train']}, heldout {acc['heldout']}, quarantined {acc['quarantined']}")
-    return f"{output}\n" + "\n".join(lines)
+        lines.append(f"  {stage:9} fingerprint {fp[:12]}  {redo}")
+    for split, s_ in summary_doc.get("splits", {}).items():
+        lines.append(f"  shards/{split}: {s_['files']} files, {s_['episodes']} episodes, {s_['rows']} rows")
+    for name, acc in summary_doc.get("accounting", {}).items():
+        lines.append(f"  {name}: read {acc['read']}, train {acc['train']}, heldout {acc['heldout']}, quarantined {acc['quarantined']}")
+    return "\n".join(lines)

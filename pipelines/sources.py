@@ -461,7 +461,20 @@ class ReadCalvin(beam.PTransform):
         super().__init__()
         self._spec = spec
         self._image_roles = tuple(image_roles)
-        self.windows = tuple(list_calvin_windows(path, unlabeled=unlabeled))
+        windows, seen, duplicates = [], set(), []
+        for window in list_calvin_windows(path, unlabeled=unlabeled):
+            if window.episode_id in seen:
+                # Same frames listed twice: keep the first annotation, account for the others.
+                duplicates.append(QuarantineRecord(
+                    spec.name, f"{window.episode_id}#dup{len(duplicates)}", "read",
+                    f"duplicate episode id {window.episode_id!r} (window listed again in auto_lang_ann.npy, "
+                    f"annotation {window.language!r}); the first listing is kept",
+                ))
+                continue
+            seen.add(window.episode_id)
+            windows.append(window)
+        self.windows = tuple(windows)
+        self.duplicates = tuple(duplicates)
 
     def expand(self, pbegin):
         results = (
@@ -469,7 +482,11 @@ class ReadCalvin(beam.PTransform):
             | "ListWindows" >> beam.Create(self.windows)
             | "ReadWindows" >> beam.ParDo(_ReadCalvinWindowFn(self._spec, self._image_roles)).with_outputs(QUARANTINE, main="episodes")
         )
-        return {"episodes": results.episodes, "quarantine": results[QUARANTINE]}
+        quarantine = results[QUARANTINE]
+        if self.duplicates:
+            duplicates = pbegin | "DuplicateWindows" >> beam.Create(self.duplicates)
+            quarantine = (quarantine, duplicates) | "AllReadQuarantine" >> beam.Flatten()
+        return {"episodes": results.episodes, "quarantine": quarantine}
 
 
 def read_episodes(path: str, spec: DatasetSpec, image_roles: Sequence[str] = (), calvin_unlabeled: bool = False) -> beam.PTransform:

@@ -75,6 +75,19 @@ def _join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel.lstrip("/")
 
 
+def resolve_shards_root(root: str | os.PathLike) -> str:
+    """A shard directory, or a ``vlaprep run`` output: there ``LATEST`` names the published version,
+    whose ``shards/`` is read (so a training job never sees a half-written regeneration)."""
+    root = os.fspath(root)
+    fs, base = _filesystem(root)
+    pointer = _join(base, "LATEST")
+    if fs.get_file_info(pointer).type == pafs.FileType.NotFound:
+        return root
+    with fs.open_input_stream(pointer) as f:
+        version = json.loads(f.read())["version"]
+    return _join(root, f"versions/{version}/shards")
+
+
 def load_manifest(root: str | os.PathLike) -> dict | None:
     """The parsed ``ROOT/manifest.json``, or None if there is none."""
     fs, base = _filesystem(os.fspath(root))
@@ -414,7 +427,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"expected shuffle_buffer >= 0, got {shuffle_buffer!r}")
         if seed < 0 or epoch < 0:
             raise ValueError(f"expected seed >= 0 and epoch >= 0, got seed={seed!r}, epoch={epoch!r}")
-        self.root = os.fspath(root)
+        self.root = resolve_shards_root(root)
         self.split = split
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.shuffle = bool(shuffle)

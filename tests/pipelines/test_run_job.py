@@ -41,7 +41,9 @@ def test_run_all_stages_then_reuse(workspace):
     config = load_run_config(str(workspace / "run.yaml"))
     logs = []
     summary = run_pipeline_config(config, log=logs.append)
-    out = workspace / "out"
+    latest = json.loads((workspace / "out" / "LATEST").read_text())
+    assert latest["version"] == summary["version"] and latest["history"] == [summary["version"]]
+    out = workspace / "out" / "versions" / latest["version"]
     for path in ("stats/dataset_statistics.json", "shards/manifest.json", "validation/validation_report.json", "run_summary.json"):
         assert (out / path).exists(), path
     rlds_records = sum(n for _, _, n in rlds_shard_files(str(workspace / "rlds/bridge_orig/1.0.0")))
@@ -55,13 +57,12 @@ def test_run_all_stages_then_reuse(workspace):
     assert acc["bridge_orig"]["quarantined"] >= 2  # the NaN and the 1-step episode at least
     report = json.loads((out / "validation/validation_report.json").read_text())
     assert report is not None
-    # Second run: every stage's inputs are unchanged, so nothing is recomputed.
+    # Second run: every stage's inputs are unchanged, so nothing is recomputed or republished.
     logs.clear()
     again = run_pipeline_config(config, log=logs.append)
-    assert again["stages"]["stats"]["reused"] == ["bridge_orig", "calvin"]
-    assert again["stages"]["shards"] == {"reused": True}
-    assert any("validation: inputs unchanged" in line for line in logs)
-    assert "up to date" in status(str(workspace / "run.yaml"))
+    assert again == summary
+    assert any("nothing to do" in line for line in logs)
+    assert status(str(workspace / "run.yaml")).count("up to date") == 3
 
 
 def test_changed_option_recomputes_only_downstream(workspace, tmp_path):
@@ -75,9 +76,55 @@ def test_changed_option_recomputes_only_downstream(workspace, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert "shards    " in status(str(path)) and "would be recomputed" in status(str(path))
+    before = json.loads((workspace / "out" / "LATEST").read_text())
     summary = run_pipeline_config(load_run_config(str(path)), log=lambda m: None)
     assert summary["stages"]["stats"]["reused"] == ["bridge_orig", "calvin"]
     assert summary["stages"]["shards"]["reused"] is False
+    after = json.loads((workspace / "out" / "LATEST").read_text())
+    assert after["version"] == summary["version"] != before["version"]
+    assert after["history"] == [after["version"], before["version"]]
+    # The previous version is kept intact (immutable) until retention removes it.
+    assert (workspace / "out" / "versions" / before["version"] / "shards" / "manifest.json").exists()
+
+
+def test_interrupted_run_keeps_previous_version_and_rerun_matches(workspace, tmp_path, monkeypatch):
+    from vlaprep.pipelines import shards_job
+
+    raw = yaml.safe_load((workspace / "run.yaml").read_text())
+    for key in ("tokenizer", "model"):
+        raw[key] = str(workspace / raw[key])
+    for d in raw["datasets"]:
+        d["path"] = str(workspace / d["path"])
+    raw["output"] = str(tmp_path / "out")
+    raw.pop("model")
+    raw["keep_versions"] = 1
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    first = run_pipeline_config(load_run_config(str(path)), log=lambda m: None)
+    raw["shards"]["seed"] = 11
+    path.write_text(yaml.safe_dump(raw))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("simulated crash in the middle of the shard stage")
+
+    monkeypatch.setattr(shards_job, "run_shards", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline_config(load_run_config(str(path)), log=lambda m: None)
+    assert json.loads((tmp_path / "out" / "LATEST").read_text())["version"] == first["version"]
+    monkeypatch.undo()
+    resumed = run_pipeline_config(load_run_config(str(path)), log=lambda m: None)
+    clean_dir = tmp_path / "clean"
+    raw["output"] = str(clean_dir)
+    path.write_text(yaml.safe_dump(raw))
+    clean = run_pipeline_config(load_run_config(str(path)), log=lambda m: None)
+    assert resumed["version"] == clean["version"]
+    a = tmp_path / "out" / "versions" / resumed["version"] / "shards"
+    b = clean_dir / "versions" / clean["version"] / "shards"
+    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    for rel in json.loads((a / "manifest.json").read_text())["files"]:
+        assert (a / rel["path"]).read_bytes() == (b / rel["path"]).read_bytes()
+    # keep_versions: 1 -> only the newest version remains.
+    assert sorted(os.listdir(tmp_path / "out" / "versions")) == [resumed["version"]]
 
 
 def test_bad_config_is_one_line(tmp_path, capsys):
@@ -87,3 +134,12 @@ def test_bad_config_is_one_line(tmp_path, capsys):
         load_run_config(str(path))
     assert cli.main(["run", "--config", str(path)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_loader_follows_latest_pointer(workspace):
+    from vlaprep.loader import ShardDataset
+
+    latest = json.loads((workspace / "out" / "LATEST").read_text())
+    manifest = json.loads((workspace / "out" / "versions" / latest["version"] / "shards" / "manifest.json").read_text())
+    rows = list(ShardDataset(str(workspace / "out"), split="train", shuffle=False, decode_images=False))
+    assert len(rows) == manifest["splits"]["train"]["rows"]
