@@ -104,12 +104,12 @@ def _decode_text(value) -> str:
 def decode_rlds_example(
     example: dict, spec: DatasetSpec, episode_id: str, split: str, image_roles: Sequence[str] = ()
 ) -> Episode:
-    """One TFDS example (NumPy, with ``steps`` left undecoded) -> ``Episode``.
+    """Flat parsed steps of one RLDS episode (``RLDSParser.parse``) -> ``Episode``.
 
     Keeps only the step keys the dataset's transform needs, its language key and the requested cameras
     (still JPEG/PNG bytes). Raises ``ValueError`` naming the key for anything missing or malformed.
     """
-    steps = _flatten(example["steps"])
+    steps = example
     kept = {}
     for key in spec.required_keys:
         if key not in steps:
@@ -130,7 +130,14 @@ def decode_rlds_example(
             raise ValueError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
         if key not in steps:
             raise ValueError(f"expected image key {key!r} for dataset {spec.name!r}, got keys {sorted(steps)!r}")
-        images[role] = [bytes(b) for b in steps[key]]
+        frames = steps[key]
+        if isinstance(frames, np.ndarray) and frames.dtype.kind in "uif":
+            # Raw pixel tensors (a `Tensor(uint8, [H, W, 3])` feature instead of `Image`): keep decoded.
+            if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
+                raise ValueError(f"expected image key {key!r} as [T, H, W, C] pixels, got {frames.shape!r}")
+            images[role] = frames.astype(np.uint8)
+        else:
+            images[role] = [bytes(b) for b in frames]
     return Episode(
         dataset_name=spec.name, episode_id=episode_id, split=split, language=language, steps=kept, images=images
     )
@@ -158,35 +165,60 @@ def rlds_keys(spec: DatasetSpec, image_roles: Sequence[str] = ()) -> list[str]:
     return sorted(set(keys))
 
 
-def rlds_parser(version_dir: str, keys: Sequence[str], optional: Sequence[str] = ()):
-    """TFDS's own NumPy parser (``ExampleParserNp``) for only ``keys`` (step keys) of the dataset.
+class RLDSParser:
+    """Parse serialized RLDS episodes into flat ``{step key: [T, ...] array}`` dicts.
 
-    Converting only the subset a consumer needs is what makes statistics cheap: the image bytes of an
-    episode (99% of it) are never turned into arrays, and no TensorFlow op runs per record.
+    TFDS's own NumPy parser (``ExampleParserNp``) restricted to the keys a consumer needs: the image
+    bytes of an episode (99% of it) are never turned into arrays, and no TensorFlow op runs per record.
+    Tensor features stored encoded (``Tensor(..., encoding=zlib|bytes)``) are decoded per step with
+    their own feature connector; image features stay encoded (JPEG/PNG bytes).
     """
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import example_parser
-    from tensorflow_datasets.core.utils import py_utils
 
-    builder = tfds.builder_from_directory(version_dir)
-    flat = py_utils.flatten_nest_dict(builder.info.features.get_serialized_info())
-    wanted = {f"steps/{k}" for k in keys}
-    missing = sorted(k for k in wanted if k not in flat)
-    wanted |= {f"steps/{k}" for k in optional if f"steps/{k}" in flat}
-    if missing:
-        present = sorted(k[len("steps/"):] for k in flat if k.startswith("steps/"))
-        raise SourceError(
-            f"expected step keys {[m[len('steps/'):] for m in missing]!r} in {version_dir!r}, got {present!r}; "
-            "hint: check the registry entry's keys against the dataset's features.json"
-        )
-    nested: dict = {}
-    for key in sorted(wanted):
-        node = nested
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = flat[key]
-    return example_parser.ExampleParserNp(nested)
+    def __init__(self, version_dir: str, keys: Sequence[str], optional: Sequence[str] = ()):
+        import tensorflow_datasets as tfds
+        from tensorflow_datasets.core import example_parser
+        from tensorflow_datasets.core.utils import py_utils
+
+        builder = tfds.builder_from_directory(version_dir)
+        flat = py_utils.flatten_nest_dict(builder.info.features.get_serialized_info())
+        wanted = {f"steps/{k}" for k in keys}
+        missing = sorted(k for k in wanted if k not in flat)
+        if missing:
+            present = sorted(k[len("steps/"):] for k in flat if k.startswith("steps/"))
+            raise SourceError(
+                f"expected step keys {[m[len('steps/'):] for m in missing]!r} in {version_dir!r}, got {present!r}; "
+                "hint: check the registry entry's keys against the dataset's features.json"
+            )
+        wanted |= {f"steps/{k}" for k in optional if f"steps/{k}" in flat}
+        nested: dict = {}
+        for key in sorted(wanted):
+            node = nested
+            *parents, leaf = key.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = flat[key]
+        self._parser = example_parser.ExampleParserNp(nested)
+        self._encoded = {}
+        step_features = builder.info.features["steps"].feature
+        for key in sorted(wanted):
+            connector = step_features
+            for part in key.split("/")[1:]:
+                connector = connector[part]
+            if isinstance(connector, tfds.features.Tensor) and flat[key].dtype != connector.dtype and not isinstance(
+                connector, (tfds.features.Image, tfds.features.Text)
+            ):
+                self._encoded[key[len("steps/"):]] = connector
+
+    def parse(self, record: bytes) -> dict:
+        steps = _flatten(self._parser.parse_example(record)["steps"])
+        for key, connector in self._encoded.items():
+            values = [connector.decode_example_np(v) for v in steps[key]]
+            steps[key] = np.stack(values) if values else np.zeros((0,) + tuple(connector.shape), connector.np_dtype)
+        return steps
+
+
+def rlds_parser(version_dir: str, keys: Sequence[str], optional: Sequence[str] = ()) -> RLDSParser:
+    return RLDSParser(version_dir, keys, optional)
 
 
 def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[str] = (), parser=None) -> Iterator:
@@ -226,7 +258,7 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
         episode_id = f"{shard.split}/{shard.filename}/{index}"
         index += 1
         try:
-            yield decode_rlds_example(parser.parse_example(example), spec, episode_id, shard.split, image_roles)
+            yield decode_rlds_example(parser.parse(example), spec, episode_id, shard.split, image_roles)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError) as e:
             yield QuarantineRecord(spec.name, episode_id, "read", f"{type(e).__name__}: {e}")
 
