@@ -293,7 +293,14 @@ class ReadRLDS(beam.PTransform):
     one element per TFRecord shard so shards are read in parallel.
     """
 
-    def __init__(self, path: str, spec: DatasetSpec, splits: Sequence[str] | None = None, image_roles: Sequence[str] = ()):
+    def __init__(
+        self,
+        path: str,
+        spec: DatasetSpec,
+        splits: Sequence[str] | None = None,
+        image_roles: Sequence[str] = (),
+        shard_files: Sequence[str] | None = None,
+    ):
         super().__init__()
         self._version_dir = resolve_rlds_version_dir(path)
         self._spec = spec
@@ -303,7 +310,7 @@ class ReadRLDS(beam.PTransform):
         for split, filename, length in rlds_shard_files(self._version_dir):
             index = per_split_index.get(split, 0)
             per_split_index[split] = index + 1
-            if splits is None or split in splits:
+            if (splits is None or split in splits) and (shard_files is None or filename in shard_files):
                 shards.append(RLDSShard(self._version_dir, split, index, filename, length))
         if splits is not None:
             missing = sorted(set(splits) - set(per_split_index))
@@ -541,3 +548,64 @@ def source_files(path: str, spec: DatasetSpec) -> list[str]:
         for root, _dirs, names in os.walk(split_dir):
             files.extend(os.path.join(root, n) for n in names if n.endswith((".npy", ".npz")))
     return sorted(files)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceUnit:
+    """The unit of incremental recomputation: one RLDS TFRecord shard, or one CALVIN split directory.
+
+    ``files`` determine its episodes; ``shared`` (dataset-wide metadata) determine every unit's.
+    """
+
+    name: str
+    path: str  # what to hand the source to read only this unit
+    files: tuple[str, ...]
+    shared: tuple[str, ...]
+    prefix: str  # what every episode id of this unit starts with ("train/<shard file>/", "training/")
+
+
+def source_units(path: str, spec: DatasetSpec) -> list[SourceUnit]:
+    if spec.source_format == "rlds":
+        version_dir = resolve_rlds_version_dir(path)
+        # features.json decides how every shard parses; dataset_info.json only lists shards (it changes
+        # when shards are added, which must not invalidate the existing ones).
+        shared = tuple(os.path.join(version_dir, n) for n in ("features.json",) if os.path.exists(os.path.join(version_dir, n)))
+        return [
+            SourceUnit(f, version_dir, (os.path.join(version_dir, f),), shared, f"{split}/{f}/")
+            for split, f, _ in rlds_shard_files(version_dir)
+        ]
+    units = []
+    for split, split_dir in calvin_split_dirs(path):
+        files = sorted(
+            os.path.join(root, n) for root, _dirs, names in os.walk(split_dir) for n in names if n.endswith((".npy", ".npz"))
+        )
+        units.append(SourceUnit(split, split_dir, tuple(files), (), f"{split}/"))
+    return units
+
+
+def episode_unit(spec: DatasetSpec, episode_id: str) -> str:
+    """The ``SourceUnit.name`` an episode (or its quarantine record) came from."""
+    parts = episode_id.split("/")
+    return parts[1] if spec.source_format == "rlds" else parts[0]
+
+
+def read_units(units: Sequence[SourceUnit], spec: DatasetSpec, image_roles: Sequence[str] = ()) -> beam.PTransform:
+    """The source PTransform restricted to ``units`` (all of one dataset)."""
+    if spec.source_format == "rlds":
+        return ReadRLDS(units[0].path, spec, image_roles=image_roles, shard_files=[u.name for u in units])
+    return _ReadCalvinSplits([u.path for u in units], spec, image_roles)
+
+
+class _ReadCalvinSplits(beam.PTransform):
+    """PBegin -> {"episodes", "quarantine"}: ``ReadCalvin`` over several split directories."""
+
+    def __init__(self, split_dirs: Sequence[str], spec: DatasetSpec, image_roles: Sequence[str]):
+        super().__init__()
+        self._reads = [ReadCalvin(d, spec, image_roles=image_roles) for d in split_dirs]
+
+    def expand(self, pbegin):
+        parts = [pbegin | f"Split{i}" >> read for i, read in enumerate(self._reads)]
+        return {
+            tag: [p[tag] for p in parts] | f"Flatten{tag}" >> beam.Flatten()
+            for tag in ("episodes", "quarantine")
+        }

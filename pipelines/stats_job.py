@@ -4,6 +4,7 @@ Outputs in ``DIR``:
   dataset_statistics.json        OpenVLA layout, datasets in sorted order, validated against the schema
   dataset_statistics.cache.json  per dataset: fingerprint of its inputs + its entry + quarantine count
   quarantine.jsonl               one QuarantineRecord per rejected episode (this run's datasets)
+  stats_cache/<dataset>/*.npz    per source unit (RLDS shard, CALVIN split): transformed rows, for reuse
   <dataset>_histograms.png       per action dim histogram with q01/q99 marked
 """
 
@@ -21,7 +22,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from vlaprep.pipelines import fingerprint, sources
+from vlaprep.pipelines import fingerprint, sources, stats_cache
 from vlaprep.pipelines.histogram_png import render_histograms
 from vlaprep.pipelines.stats import HISTOGRAM_KEY, ApplyDatasetTransform, ComputeDatasetStatistics
 from vlaprep.schemas import validate_json
@@ -90,17 +91,88 @@ def _read_json_lines(pattern_dir: str) -> list:
     return out
 
 
-def build_stats_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], with_proprio: bool, work_dir: str):
-    """Wire sources -> transforms -> statistics; write entries and quarantine as JSON lines under work_dir."""
-    episodes, quarantined = [], []
+class _WriteProjectionFn(beam.DoFn):
+    """((dataset, unit), {"path", "trajectories", "quarantine", "read"}) -> writes the unit's projection."""
+
+    def process(self, element):
+        (_dataset, _unit), grouped = element
+        for path, prefix in grouped["path"]:  # only units read in this run have a target path
+            stats_cache.write_projection(
+                path, list(grouped["trajectories"]), list(grouped["quarantine"]), sum(grouped["read"]), prefix
+            )
+            beam.metrics.Metrics.counter("vlaprep", "stats_units_written").inc()
+
+
+class _LoadProjectionFn(beam.DoFn):
+    """(dataset, projection path) -> TrajectoryRecords; tagged QuarantineRecords and read counts."""
+
+    def process(self, element):
+        dataset, path, prefix = element
+        records, quarantine, episodes_read = stats_cache.load_projection(path, dataset, prefix)
+        beam.metrics.Metrics.counter("vlaprep", "stats_units_reused").inc()
+        yield from records
+        for q in quarantine:
+            yield beam.pvalue.TaggedOutput("quarantine", q)
+        yield beam.pvalue.TaggedOutput("read", (dataset, episodes_read))
+
+
+def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: str, force: bool = False):
+    """-> (new units to read: [(DatasetInput, [(SourceUnit, projection path)])], cached: [(dataset, path, prefix)])."""
+    new, cached = [], []
     for item in inputs:
-        read = pipeline | f"Read[{item.name}]" >> sources.read_episodes(item.path, item.spec)
+        todo = []
+        for unit in sources.source_units(item.path, item.spec):
+            path = stats_cache.projection_path(output_dir, item.name, stats_cache.unit_key(unit, item.spec, with_proprio))
+            if os.path.exists(path) and not force:
+                cached.append((item.name, path, unit.prefix))
+            else:
+                todo.append((unit, path))
+        if todo:
+            new.append((item, todo))
+    return new, cached
+
+
+def build_stats_pipeline(
+    pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], with_proprio: bool, work_dir: str, output_dir: str, force: bool = False
+) -> dict:
+    """Wire sources -> transforms -> statistics; write entries and quarantine as JSON lines under work_dir.
+
+    Source units (RLDS shards, CALVIN splits) whose projection is cached are not read: their transformed
+    rows come from the cache; the others are read and their projections written for the next run.
+    Returns ``{"units_read": n, "units_reused": m}``.
+    """
+    new, cached = plan_units(inputs, with_proprio, output_dir, force)
+    specs = {item.name: item.spec for item in inputs}
+    episodes, quarantined, targets = [], [], []
+    for item, todo in new:
+        read = pipeline | f"Read[{item.name}]" >> sources.read_units([u for u, _ in todo], item.spec)
         episodes.append(read["episodes"])
         quarantined.append(read["quarantine"])
-    specs = {item.name: item.spec for item in inputs}
-    transformed = episodes | "AllEpisodes" >> beam.Flatten() | "ApplyTransforms" >> ApplyDatasetTransform(specs)
-    quarantined.append(transformed["quarantine"])
-    entries = transformed["trajectories"] | "Statistics" >> ComputeDatasetStatistics(
+        targets += [((item.name, u.name), (path, u.prefix)) for u, path in todo]
+    all_episodes = episodes | "AllEpisodes" >> beam.Flatten(pipeline=pipeline)
+    transformed = all_episodes | "ApplyTransforms" >> ApplyDatasetTransform(specs)
+    new_quarantine = (quarantined + [transformed["quarantine"]]) | "NewQuarantine" >> beam.Flatten(pipeline=pipeline)
+
+    def unit_key(dataset: str, episode_id: str):
+        return dataset, sources.episode_unit(specs[dataset], episode_id)
+
+    _ = (
+        {
+            "path": pipeline | "UnitTargets" >> beam.Create(targets),
+            "trajectories": transformed["trajectories"] | "TrajectoryUnit" >> beam.Map(lambda r: (unit_key(r.dataset_name, r.episode_id), r)),
+            "quarantine": new_quarantine | "QuarantineUnit" >> beam.Map(lambda q: (unit_key(q.dataset_name, q.episode_id), q)),
+            "read": all_episodes | "EpisodeUnit" >> beam.Map(lambda e: (unit_key(e.dataset_name, e.episode_id), 1)),
+        }
+        | "GroupByUnit" >> beam.CoGroupByKey()
+        | "WriteProjections" >> beam.ParDo(_WriteProjectionFn())
+    )
+    loaded = (
+        pipeline
+        | "CachedUnits" >> beam.Create(cached)
+        | "LoadProjections" >> beam.ParDo(_LoadProjectionFn()).with_outputs("quarantine", "read", main="trajectories")
+    )
+    trajectories = (transformed["trajectories"], loaded.trajectories) | "AllTrajectories" >> beam.Flatten()
+    entries = trajectories | "Statistics" >> ComputeDatasetStatistics(
         {item.name: item.spec.normalization_mask for item in inputs}, with_proprio=with_proprio
     )
     _ = (
@@ -109,19 +181,19 @@ def build_stats_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput]
         | "WriteEntries" >> beam.io.WriteToText(os.path.join(work_dir, "entries", "part"), num_shards=1)
     )
     _ = (
-        quarantined
+        (new_quarantine, loaded.quarantine)
         | "AllQuarantine" >> beam.Flatten()
         | "QuarantineJson" >> beam.Map(lambda r: json.dumps(r.to_json_dict(), sort_keys=True))
         | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(work_dir, "quarantine", "part"), num_shards=1)
     )
     _ = (
-        episodes
-        | "AllRead" >> beam.Flatten()
-        | "DatasetOfEpisode" >> beam.Map(lambda e: (e.dataset_name, 1))
+        (all_episodes | "DatasetOfEpisode" >> beam.Map(lambda e: (e.dataset_name, 1)), loaded.read)
+        | "AllReadCounts" >> beam.Flatten()
         | "CountRead" >> beam.CombinePerKey(sum)
         | "CountJson" >> beam.MapTuple(lambda name, n: json.dumps([name, n]))
         | "WriteCounts" >> beam.io.WriteToText(os.path.join(work_dir, "counts", "part"), num_shards=1)
     )
+    return {"units_read": len(targets), "units_reused": len(cached)}
 
 
 @dataclasses.dataclass
@@ -132,6 +204,7 @@ class StatsResult:
     computed: list
     episodes_read: dict
     seconds: float
+    units: dict = dataclasses.field(default_factory=dict)
 
 
 def run_stats(
@@ -154,13 +227,14 @@ def run_stats(
     reused = [item.name for item in inputs if item not in todo]
     for name in reused:
         log(f"[stats] {name}: inputs unchanged (fingerprint {fingerprints[name][:12]}), reusing cached statistics")
-    new_entries, quarantine, read_counts = {}, [], {}
+    new_entries, quarantine, read_counts, units = {}, [], {}, {}
     if todo:
         log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
         work_dir = tempfile.mkdtemp(prefix=".stats-work-", dir=output_dir)
         try:
             with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-                build_stats_pipeline(pipeline, todo, with_proprio, work_dir)
+                units.update(build_stats_pipeline(pipeline, todo, with_proprio, work_dir, output_dir, force))
+            log(f"[stats] read {units['units_read']} source units, reused {units['units_reused']} cached unit projections")
             new_entries = dict(_read_json_lines(os.path.join(work_dir, "entries")))
             quarantine = _read_json_lines(os.path.join(work_dir, "quarantine"))
             read_counts = dict(_read_json_lines(os.path.join(work_dir, "counts")))
@@ -199,7 +273,7 @@ def run_stats(
     write_json_atomic(cache_path, new_cache, indent=1)
     if todo:
         _write_jsonl_atomic(os.path.join(output_dir, QUARANTINE_FILE), quarantine)
-    return StatsResult(statistics, quarantine, reused, [i.name for i in todo], read_counts, time.time() - started)
+    return StatsResult(statistics, quarantine, reused, [i.name for i in todo], read_counts, time.time() - started, units)
 
 
 def _write_jsonl_atomic(path: str, records: list) -> None:

@@ -178,3 +178,42 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown dataset 'nope'" in capsys.readouterr().err
     assert cli.main(["stats", "--dataset", f"bridge_orig={tmp_path}", "--output", str(tmp_path / "o")]) == 2
     assert "expected a TFDS dataset" in capsys.readouterr().err
+
+
+def _add_train_shard(version_dir, donor_version_dir):
+    """Append the donor's first train shard to the dataset as a new shard, renaming files the TFDS way."""
+    info_path = version_dir / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    donor = json.loads((donor_version_dir / "dataset_info.json").read_text())
+    split = next(s for s in info["splits"] if s["name"] == "train")
+    donor_split = next(s for s in donor["splits"] if s["name"] == "train")
+    old_n = len(split["shardLengths"])
+    new_n = old_n + 1
+    for i in range(old_n):
+        os.rename(version_dir / f"bridge_orig-train.tfrecord-{i:05d}-of-{old_n:05d}",
+                  version_dir / f"bridge_orig-train.tfrecord-{i:05d}-of-{new_n:05d}")
+    shutil.copy(donor_version_dir / f"bridge_orig-train.tfrecord-00000-of-{len(donor_split['shardLengths']):05d}",
+                version_dir / f"bridge_orig-train.tfrecord-{old_n:05d}-of-{new_n:05d}")
+    split["shardLengths"] = split["shardLengths"] + [donor_split["shardLengths"][0]]
+    split["numBytes"] = str(int(split.get("numBytes", 0)) + 1)
+    info_path.write_text(json.dumps(info))
+
+
+def test_adding_a_shard_reads_only_the_new_shard(tmp_path, bridge):
+    data = tmp_path / "data"
+    shutil.copytree(bridge, data)
+    donor = generate_rlds(tmp_path / "donor", name="bridge_orig", episodes=8, seed=77, image_size=32, num_shards=2)
+    first = _stats(tmp_path / "out", data, IN_PROCESS)
+    total_units = len(os.listdir(data)) - 2  # shard files minus dataset_info.json and features.json
+    assert first.units == {"units_read": total_units, "units_reused": 0}
+    _add_train_shard(data, donor)
+    second = _stats(tmp_path / "out", data, IN_PROCESS)
+    assert second.computed == ["bridge_orig"]
+    assert second.units == {"units_read": 1, "units_reused": total_units}
+    scratch = _stats(tmp_path / "scratch", data, IN_PROCESS)
+    assert scratch.units["units_reused"] == 0
+    assert (tmp_path / "out/dataset_statistics.json").read_bytes() == (tmp_path / "scratch/dataset_statistics.json").read_bytes()
+    assert (tmp_path / "out/quarantine.jsonl").read_bytes() == (tmp_path / "scratch/quarantine.jsonl").read_bytes()
+    assert second.statistics["bridge_orig"]["num_trajectories"] > first.statistics["bridge_orig"]["num_trajectories"]
+    forced = _stats(tmp_path / "out", data, IN_PROCESS, force=True)
+    assert forced.units == {"units_read": total_units + 1, "units_reused": 0}
