@@ -17,7 +17,10 @@ def parse_dataset_args(values, registry_file):
     """``NAME=PATH`` strings -> [DatasetInput]; the name selects the registry entry."""
     from vlaprep.pipelines.stats_job import DatasetInput
 
-    registry = merged_registry(registry_file)
+    try:
+        registry = merged_registry(registry_file)
+    except (ValueError, OSError) as e:  # yaml errors are ValueErrors too
+        raise UsageError(f"bad --registry {registry_file}: {e}") from None
     out, seen = [], set()
     for value in values or []:
         if "=" not in value:
@@ -231,8 +234,9 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:  # one clear line for known user-facing failures
         from vlaprep.pipelines.sources import SourceError
+        from vlaprep.pipelines.stats_job import NoValidEpisodesError
 
-        if isinstance(e, (SourceError, FileNotFoundError, KeyError)):
+        if isinstance(e, (SourceError, NoValidEpisodesError, FileNotFoundError, KeyError)):
             print(f"vlaprep {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

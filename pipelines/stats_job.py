@@ -40,6 +40,10 @@ DEFAULT_BEAM_ARGS = (
 )
 
 
+class NoValidEpisodesError(ValueError):
+    """Every episode of a dataset was quarantined: there is nothing to compute statistics from."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInput:
     name: str
@@ -247,10 +251,12 @@ def run_stats(
             render_histograms(name, histogram, entry["action"], os.path.join(output_dir, f"{name}_histograms.png"))
     missing = [item.name for item in todo if item.name not in new_entries]
     if missing:
+        # Keep the reasons on disk before failing: they are what the user needs to fix the input.
+        _write_jsonl_atomic(os.path.join(output_dir, QUARANTINE_FILE), quarantine)
         counts = {n: sum(1 for r in quarantine if r["dataset_name"] == n) for n in missing}
-        raise RuntimeError(
+        raise NoValidEpisodesError(
             f"expected statistics for every dataset, got none for {missing!r}: no valid episode "
-            f"({counts} quarantined); see the reasons above or rerun with fewer datasets"
+            f"({counts} quarantined); see {os.path.join(output_dir, QUARANTINE_FILE)} for the reasons"
         )
     statistics = {}
     new_cache = {}
