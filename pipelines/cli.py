@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--seed", type=int, default=0)
     shards.add_argument("--image-size", type=int, default=224)
     shards.add_argument("--cameras", default="primary", help="primary or primary,wrist")
-    shards.add_argument("--target-shard-mb", type=float, default=256.0)
+    shards.add_argument("--target-shard-mb", type=float, default=256.0,
+                        help="MiB of uncompressed rows per shard (files are smaller by Parquet's zstd)")
     shards.add_argument("--action-chunk", type=int, default=1)
     shards.add_argument("--normalization", default="bounds_q99", help="bounds_q99 | bounds | normal | fixed:LOW,HIGH")
     shards.add_argument("--action-encoding", default="uniform", help="uniform | mu_law[:MU]")

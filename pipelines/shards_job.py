@@ -1,0 +1,528 @@
+"""``vlaprep shards``: check the arguments, run the shard pipeline, publish the output atomically.
+
+Output in ``OUT`` (names are the contract; ``schemas/manifest.schema.json`` describes the manifest):
+  train/shard-00000-of-0000N.parquet     training rows (``schemas/shards.py``)
+  heldout/shard-00000-of-0000M.parquet   held-out episodes (hash of seed, dataset, episode_id)
+  quarantine/quarantine.jsonl            one record per rejected episode: dataset_name, episode_id, stage, reason
+  manifest.json                          written LAST: every file with rows, episodes, bytes, sha256;
+                                         totals, accounting, schema, input fingerprints, options
+
+Atomicity. Everything is built in ``OUT/.staging-<random>/``. Only after the pipeline succeeded and the
+accounting balanced: the old ``manifest.json`` (if any) is removed, the old ``train/ heldout/
+quarantine/`` are moved aside, the new ones renamed into place, and the new manifest is written with
+temp file + fsync + rename. A crash at any point leaves either the old complete output with its
+manifest, or files without a manifest (never a manifest that names missing or partial files).
+A reader trusts ``OUT`` only when ``manifest.json`` exists and lists what it reads.
+
+Disk: while the pipeline runs, encoded episodes wait in ``OUT/.staging-*/.work/episodes`` (about the
+rows' uncompressed size); they are deleted before publishing. A run killed hard (SIGKILL, power loss)
+may leave a ``.staging-*`` directory behind; it is never read, and can be deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Sequence
+
+import apache_beam as beam
+import numpy as np
+
+import vlaprep
+from vlaprep.pipelines import sources
+from vlaprep.pipelines.shards import (
+    HELDOUT,
+    MANIFEST_FILE,
+    N_BINS,
+    QUARANTINE_DIR,
+    QUARANTINE_FILE,
+    SPLITS,
+    TRAIN,
+    EncodeEpisodes,
+    EncoderConfig,
+    ShardOptions,
+    ShardsArgumentError,
+    TokenizerFiles,
+    WriteShards,
+    _fsync_dir,
+    file_sha256,
+    parse_cameras,
+    probe_tokenization,
+)
+from vlaprep.pipelines.stats_job import DatasetInput, beam_options
+from vlaprep.schemas import validate_json
+from vlaprep.transforms.normalization import normalize_actions
+from vlaprep.transforms.prompt import prompt_prefix_ids
+
+MANIFEST_FORMAT = "vlaprep.shards"
+MANIFEST_FORMAT_VERSION = 1
+_STAGING_PREFIX = ".staging-"
+_OLD_PREFIX = ".old-"
+_WORK = ".work"
+_OUTPUT_ENTRIES = (TRAIN, HELDOUT, QUARANTINE_DIR)
+
+
+@dataclasses.dataclass
+class ShardsResult:
+    output_dir: str
+    manifest: dict
+    quarantine: list
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks (no Beam work before they all pass)
+# --------------------------------------------------------------------------------------------------
+
+
+def load_statistics(path: str, inputs: Sequence[DatasetInput]) -> tuple[dict, bytes]:
+    """``{dataset: action block}`` for every input, checked against the registry; and the file's bytes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ShardsArgumentError(f"expected a readable --statistics file, got {path!r}: {e.strerror}") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ShardsArgumentError(f"expected JSON in --statistics {path!r}, got a parse error: {e}") from None
+    if not isinstance(doc, dict):
+        raise ShardsArgumentError(f"expected a JSON object of datasets in {path!r}, got {type(doc).__name__}")
+    blocks = {}
+    for item in inputs:
+        if item.name not in doc:
+            raise ShardsArgumentError(
+                f"expected an entry for {item.name!r} in {path}, got entries {sorted(doc)!r}; "
+                f"hint: run vlaprep stats with --dataset {item.name}=..."
+            )
+        block = doc[item.name].get("action") if isinstance(doc[item.name], dict) else None
+        if not isinstance(block, dict):
+            raise ShardsArgumentError(f"expected an 'action' block for {item.name!r} in {path}, got {block!r}")
+        widths = {k: len(v) for k, v in block.items() if isinstance(v, list)}
+        if set(widths.values()) != {item.spec.action_dim}:
+            raise ShardsArgumentError(
+                f"expected action statistics of width {item.spec.action_dim} (the registry's action_dim) for "
+                f"{item.name!r} in {path}, got widths {widths!r}; hint: recompute with vlaprep stats"
+            )
+        blocks[item.name] = block
+    return blocks, raw
+
+
+def _check_normalization(blocks: dict, normalization: str, path: str, action_dim: int) -> None:
+    """Every dataset's statistics can normalize one action row in the chosen mode (keys, mask, shapes)."""
+    for name, block in blocks.items():
+        try:
+            normalize_actions(np.zeros((1, action_dim), np.float32), block, normalization)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ShardsArgumentError(f"expected statistics usable with --normalization {normalization} for {name!r} in {path}, got: {e}") from None
+
+
+def load_tokenizer(tokenizer_dir: str, chunk_width: int):
+    """-> (tokenizer files, loaded tokenizer, vocab_size, eos_id, model_max_length, tokenization mode)."""
+    files = TokenizerFiles.from_dir(tokenizer_dir)
+    try:
+        tokenizer = files.load()
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError/...; one line with the cause
+        raise ShardsArgumentError(f"expected a loadable tokenizer in {tokenizer_dir!r}, got {type(e).__name__}: {e}") from e
+    vocab_size = int(tokenizer.vocab_size)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise ShardsArgumentError(f"expected a tokenizer with an EOS token in {tokenizer_dir!r}, got none; hint: set eos_token")
+    eos_id = int(eos_id)
+    action_ids = range(vocab_size - N_BINS, vocab_size)
+    special = sorted({int(i) for i in tokenizer.all_special_ids if i is not None} & set(action_ids))
+    if vocab_size <= N_BINS or special:
+        raise ShardsArgumentError(
+            f"expected a base vocabulary that holds the {N_BINS} action ids (the last {N_BINS} ids, clear of "
+            f"special tokens), got vocab_size {vocab_size}" + (f" with special ids {special!r} among them" if special else "")
+            + f" in {tokenizer_dir!r}; hint: use the model's tokenizer (Llama-2: 32000)"
+        )
+    max_length = int(min(getattr(tokenizer, "model_max_length", 1 << 31) or (1 << 31), 1 << 31))
+    prompt = len(prompt_prefix_ids(tokenizer, "put the carrot in the pot"))
+    if prompt + chunk_width + 1 > max_length:
+        raise ShardsArgumentError(
+            f"expected prompt + {chunk_width} action ids (--action-chunk x action_dim) + EOS within the tokenizer's "
+            f"model_max_length {max_length}, got {prompt + chunk_width + 1} ids for a short instruction; "
+            "hint: lower --action-chunk"
+        )
+    return files, tokenizer, vocab_size, eos_id, max_length, probe_tokenization(tokenizer, chunk_width, vocab_size)
+
+
+def _check_inputs(inputs: Sequence[DatasetInput], cameras: tuple[str, ...]) -> int:
+    if not inputs:
+        raise ShardsArgumentError("expected at least one --dataset NAME=PATH")
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise ShardsArgumentError(f"expected each dataset once, got {names!r}")
+    dims = {i.name: i.spec.action_dim for i in inputs}
+    if len(set(dims.values())) != 1:
+        raise ShardsArgumentError(
+            f"expected one action width for all datasets (one shard schema), got {dims!r}; hint: run vlaprep shards once per width"
+        )
+    for item in inputs:
+        if item.spec.primary_image is None:
+            raise ShardsArgumentError(f"expected a primary camera for dataset {item.name!r}, got none in its registry entry")
+        if "wrist" in cameras and item.spec.wrist_image is None:
+            raise ShardsArgumentError(
+                f"expected a wrist camera for dataset {item.name!r} (--cameras {','.join(cameras)}), got none in its "
+                "registry entry; hint: use --cameras primary, or declare wrist_image with --registry"
+            )
+    return next(iter(dims.values()))
+
+
+def _check_output_dir(output_dir: str) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ShardsArgumentError(f"expected --output to be a directory, got the file {output_dir!r}")
+    if not os.path.isdir(output_dir):
+        return
+    ours = set(_OUTPUT_ENTRIES) | {MANIFEST_FILE}
+    foreign = sorted(
+        n for n in os.listdir(output_dir) if n not in ours and not n.startswith((_STAGING_PREFIX, _OLD_PREFIX, ".tmp-"))
+    )
+    if foreign:
+        raise ShardsArgumentError(
+            f"expected --output to be empty or a previous vlaprep shards output, got other entries {foreign[:8]!r} in "
+            f"{output_dir!r}; hint: pick a new directory (the output replaces train/, heldout/ and quarantine/)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_line(record) -> str:
+    return json.dumps(record.to_json_dict(), sort_keys=True)
+
+
+def _count_json(name: str, n: int) -> str:
+    return json.dumps([name, n])
+
+
+def _dataset_of(episode) -> tuple:
+    return episode.dataset_name, 1
+
+
+def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], config: EncoderConfig, staging: str) -> None:
+    """Sources -> EncodeEpisodes -> WriteShards into ``staging``; file infos, quarantine records and
+    read counts as JSON lines under ``staging/.work`` for the driver; encoded episodes wait in
+    ``staging/.work/episodes`` (removed with ``.work`` once the pipeline is done)."""
+    work = os.path.join(staging, _WORK)
+    roles = config.options.cameras
+    episodes, quarantined = [], []
+    for item in inputs:
+        read = pipeline | f"Read[{item.name}]" >> sources.read_episodes(item.path, item.spec, image_roles=roles)
+        episodes.append(read["episodes"])
+        quarantined.append(read["quarantine"])
+    all_episodes = episodes | "AllEpisodes" >> beam.Flatten()
+    spill = os.path.join(work, "episodes")
+    encoded = all_episodes | "EncodeEpisodes" >> EncodeEpisodes(config, spill)
+    quarantined.append(encoded["quarantine"])
+    files = encoded["encoded"] | "WriteShards" >> WriteShards(staging, spill, config.options.schema(), config.options.target_shard_bytes)
+    _ = files | "WriteFileInfos" >> beam.io.WriteToText(os.path.join(work, "files", "part"), num_shards=1)
+    _ = (
+        quarantined
+        | "AllQuarantine" >> beam.Flatten()
+        | "QuarantineJson" >> beam.Map(_json_line)
+        | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(work, "quarantine", "part"), num_shards=1)
+    )
+    _ = (
+        all_episodes
+        | "DatasetOfEpisode" >> beam.Map(_dataset_of)
+        | "CountRead" >> beam.CombinePerKey(sum)
+        | "CountJson" >> beam.MapTuple(_count_json)
+        | "WriteCounts" >> beam.io.WriteToText(os.path.join(work, "counts", "part"), num_shards=1)
+    )
+
+
+def _read_json_lines(directory: str) -> list:
+    out = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name)) as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def _software_versions() -> dict:
+    import pyarrow
+    import tensorflow as tf
+    import transformers
+
+    return {
+        "vlaprep": vlaprep.__version__,
+        "apache_beam": beam.__version__,
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+        "tensorflow": tf.__version__,
+        "transformers": transformers.__version__,
+        "zlib": __import__("zlib").ZLIB_RUNTIME_VERSION,
+    }
+
+
+def build_manifest(
+    inputs: Sequence[DatasetInput],
+    options: ShardOptions,
+    file_infos: list,
+    quarantine: list,
+    read_counts: dict,
+    quarantine_info: dict,
+    statistics_bytes: bytes,
+    tokenizer_files: TokenizerFiles,
+) -> dict:
+    """The manifest document; raises RuntimeError if any input episode is unaccounted for."""
+    names = sorted(i.name for i in inputs)
+    totals = {n: {s: {"episodes": 0, "rows": 0} for s in SPLITS} for n in names}
+    splits = {s: {"files": 0, "episodes": 0, "rows": 0, "bytes": 0} for s in SPLITS}
+    for info in file_infos:
+        split = splits[info["split"]]
+        split["files"] += 1
+        split["episodes"] += info["episodes"]
+        split["rows"] += info["rows"]
+        split["bytes"] += info["bytes"]
+        for name, counts in info["datasets"].items():
+            totals[name][info["split"]]["episodes"] += counts["episodes"]
+            totals[name][info["split"]]["rows"] += counts["rows"]
+    accounting = {}
+    for name in names:
+        by_stage: dict[str, int] = {}
+        for record in quarantine:
+            if record["dataset_name"] == name:
+                by_stage[record["stage"]] = by_stage.get(record["stage"], 0) + 1
+        # read = episodes the source produced + records it could not read
+        read = int(read_counts.get(name, 0)) + by_stage.get("read", 0)
+        entry = {
+            "read": read,
+            "train": totals[name][TRAIN]["episodes"],
+            "heldout": totals[name][HELDOUT]["episodes"],
+            "quarantined": sum(by_stage.values()),
+            "quarantined_by_stage": dict(sorted(by_stage.items())),
+        }
+        if entry["read"] != entry["train"] + entry["heldout"] + entry["quarantined"]:
+            raise RuntimeError(
+                f"expected read = train + heldout + quarantined for {name!r}, got {entry!r}; an episode was lost or duplicated"
+            )
+        accounting[name] = entry
+    schema = options.schema()
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "vlaprep_version": vlaprep.__version__,
+        "software": _software_versions(),
+        "options": options.manifest_dict(),
+        "schema": {
+            "arrow": schema.to_string(show_schema_metadata=False),
+            "columns": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+        },
+        "inputs": {
+            "statistics": {"sha256": hashlib.sha256(statistics_bytes).hexdigest(), "bytes": len(statistics_bytes)},
+            "tokenizer": tokenizer_files.fingerprint(),
+            "datasets": {
+                i.name: {"source_format": i.spec.source_format, "registry_fingerprint": i.spec.fingerprint()}
+                for i in sorted(inputs, key=lambda i: i.name)
+            },
+        },
+        "splits": splits,
+        "datasets": totals,
+        "accounting": accounting,
+        "files": [
+            {k: info[k] for k in ("path", "split", "shard_index", "num_shards", "rows", "episodes", "bytes", "sha256", "row_groups", "datasets")}
+            for info in file_infos
+        ],
+        "quarantine": quarantine_info,
+    }
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """temp file in the same directory + fsync + rename + fsync of the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; published files get the usual mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def publish(staging: str, output_dir: str, manifest_data: bytes) -> None:
+    """Swap the staged output into ``output_dir``; the manifest goes last (see the module docstring)."""
+    manifest = os.path.join(output_dir, MANIFEST_FILE)
+    if os.path.exists(manifest):
+        os.unlink(manifest)  # from here on OUT is "incomplete" until the new manifest lands
+        _fsync_dir(output_dir)
+    old = tempfile.mkdtemp(prefix=_OLD_PREFIX, dir=output_dir)
+    for name in _OUTPUT_ENTRIES:
+        target = os.path.join(output_dir, name)
+        if os.path.lexists(target):
+            os.rename(target, os.path.join(old, name))
+        os.rename(os.path.join(staging, name), target)
+    _fsync_dir(output_dir)
+    write_bytes_atomic(manifest, manifest_data)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in os.listdir(output_dir):  # leftovers of runs that crashed mid-publish
+        if name.startswith(_OLD_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def verify_output(output_dir: str, manifest: dict | None = None) -> dict:
+    """Every file the manifest names exists with its size and sha256 (what a careful reader does)."""
+    if manifest is None:
+        with open(os.path.join(output_dir, MANIFEST_FILE)) as f:
+            manifest = json.load(f)
+    entries = list(manifest["files"]) + [manifest["quarantine"]]
+    for entry in entries:
+        path = os.path.join(output_dir, entry["path"])
+        if not os.path.isfile(path):
+            raise RuntimeError(f"expected {entry['path']} listed in the manifest to exist in {output_dir!r}, got no such file")
+        size = os.path.getsize(path)
+        if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            raise RuntimeError(f"expected {entry['path']} to have {entry['bytes']} bytes and sha256 {entry['sha256']}, got {size} bytes / another digest")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def run_shards(
+    inputs: Sequence[DatasetInput],
+    statistics: str,
+    tokenizer: str,
+    output_dir: str,
+    *,
+    heldout_fraction: float = 0.05,
+    seed: int = 0,
+    image_size: int = 224,
+    cameras: str | Sequence[str] = "primary",
+    target_shard_mb: float = 256.0,
+    action_chunk: int = 1,
+    normalization: str = "bounds_q99",
+    action_encoding: str = "uniform",
+    beam_args: Sequence[str] = (),
+    log=print,
+) -> ShardsResult:
+    """Build ``output_dir`` (layout in the module docstring). Raises ``ShardsArgumentError`` for bad
+    arguments before any Beam work; any pipeline failure leaves ``output_dir`` as it was."""
+    started = time.time()
+    # --- checks, cheapest first -------------------------------------------------------------------
+    cameras = parse_cameras(cameras)
+    if isinstance(action_chunk, bool) or not isinstance(action_chunk, int) or action_chunk < 1:
+        raise ShardsArgumentError(f"expected --action-chunk >= 1, got {action_chunk!r}; hint: 1 gives OpenVLA's rows")
+    try:
+        target_bytes = int(float(target_shard_mb) * (1 << 20))
+    except (TypeError, ValueError):
+        target_bytes = 0
+    if target_bytes < 1:
+        raise ShardsArgumentError(f"expected --target-shard-mb > 0 (MiB), got {target_shard_mb!r}")
+    draft = dict(
+        image_size=image_size, cameras=cameras, heldout_fraction=heldout_fraction, seed=seed,
+        action_chunk=action_chunk, normalization=normalization, action_encoding=action_encoding,
+        target_shard_bytes=target_bytes,
+    )
+    # Validate the user-facing options once, with placeholders for what the inputs decide.
+    ShardOptions(**draft, action_dim=1, vocab_size=N_BINS + 1, eos_id=0, model_max_length=1, tokenization="ids_direct")
+    action_dim = _check_inputs(inputs, cameras)
+    _check_output_dir(output_dir)
+    blocks, statistics_bytes = load_statistics(statistics, inputs)
+    _check_normalization(blocks, normalization, statistics, action_dim)
+    files, _tok, vocab_size, eos_id, max_length, tokenization = load_tokenizer(tokenizer, action_chunk * action_dim)
+    options = ShardOptions(
+        **draft, action_dim=action_dim, vocab_size=vocab_size, eos_id=eos_id, model_max_length=max_length, tokenization=tokenization
+    )
+    log(
+        f"[shards] tokenizer: vocab_size {vocab_size}, EOS {eos_id}, tokenization {tokenization}; "
+        f"{len(inputs)} dataset(s), chunk {action_chunk}, {options.normalization}, {options.action_encoding}"
+    )
+    config = EncoderConfig(options, {i.name: i.spec for i in inputs}, blocks, files)
+
+    # --- build in staging -------------------------------------------------------------------------
+    created = not os.path.exists(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output_dir)
+    try:
+        for name in _OUTPUT_ENTRIES:
+            os.makedirs(os.path.join(staging, name))
+        with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+            build_shards_pipeline(pipeline, inputs, config, staging)
+        work = os.path.join(staging, _WORK)
+        file_infos = sorted(_read_json_lines(os.path.join(work, "files")), key=lambda i: i["path"])
+        quarantine = sorted(
+            _read_json_lines(os.path.join(work, "quarantine")), key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"])
+        )
+        read_counts = dict(_read_json_lines(os.path.join(work, "counts")))
+        shutil.rmtree(work)
+        _check_files(staging, file_infos)
+        quarantine_path = os.path.join(staging, QUARANTINE_FILE)
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in quarantine).encode("utf-8")
+        write_bytes_atomic(quarantine_path, data)
+        quarantine_info = {"path": QUARANTINE_FILE, "records": len(quarantine), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = build_manifest(inputs, options, file_infos, quarantine, read_counts, quarantine_info, statistics_bytes, files)
+        validate_json(manifest, "manifest")
+        publish(staging, output_dir, manifest_bytes(manifest))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            try:
+                os.rmdir(output_dir)  # only if still empty
+            except OSError:
+                pass
+        raise
+    return ShardsResult(output_dir, manifest, quarantine, time.time() - started)
+
+
+def _check_files(staging: str, file_infos: list) -> None:
+    """The shard files are exactly ``shard-0..n-1-of-n`` per split, as reported by their writers."""
+    for split in SPLITS:
+        infos = [i for i in file_infos if i["split"] == split]
+        counts = {i["num_shards"] for i in infos}
+        if infos and (counts != {len(infos)} or sorted(i["shard_index"] for i in infos) != list(range(len(infos)))):
+            raise RuntimeError(f"expected shards 0..{len(infos) - 1} of {split}, got {[i['path'] for i in infos]!r}")
+        directory = os.path.join(staging, split)
+        for name in os.listdir(directory):  # a worker killed mid-write leaves its temp file; retries rewrote it
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(directory, name))
+        on_disk = sorted(os.listdir(directory))
+        expected = sorted(os.path.basename(i["path"]) for i in infos)
+        if on_disk != expected:
+            raise RuntimeError(f"expected exactly {expected!r} in {split}/, got {on_disk!r}")
+        for info in infos:
+            if os.path.getsize(os.path.join(staging, info["path"])) != info["bytes"]:
+                raise RuntimeError(f"expected {info['path']} to have {info['bytes']} bytes, got another size")
+
+
+def summary(result: ShardsResult) -> str:
+    m = result.manifest
+    lines = []
+    for name, acc in m["accounting"].items():
+        rows = m["datasets"][name]
+        lines.append(
+            f"{name}: read {acc['read']} episodes -> train {acc['train']} ({rows[TRAIN]['rows']} rows), "
+            f"heldout {acc['heldout']} ({rows[HELDOUT]['rows']} rows), quarantined {acc['quarantined']} {acc['quarantined_by_stage']}"
+        )
+    for split, s in m["splits"].items():
+        lines.append(f"{split}: {s['files']} files, {s['episodes']} episodes, {s['rows']} rows, {s['bytes'] / 1e6:.1f} MB")
+    return "\n".join(lines)
