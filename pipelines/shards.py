@@ -2,9 +2,9 @@
 
 Pipeline shape (all datasets in one pipeline; ``shards_job.py`` drives it and publishes the result):
 
-  Episode --EncodeEpisodes--> ((split, dataset, episode_id), Arrow IPC bytes of the episode's rows)
+  Episode --EncodeEpisodes--> ((split, dataset, episode_id), EpisodeRef)   rows spilled as Arrow IPC
           --WriteShards-->    one JSON line per Parquet file written into the staging directory
-  (and QuarantineRecord for every episode that cannot become rows)
+  (and a QuarantineRecord for every episode that cannot become rows)
 
 Determinism. The bytes of every file are a function of the inputs and options only, never of the
 runner, the worker count or the bundle boundaries:
@@ -19,19 +19,20 @@ runner, the worker count or the bundle boundaries:
     Parquet with fixed settings and no wall-clock metadata (``write_shard_file``).
 
 Element logic lives in plain functions and the ``EpisodeEncoder`` class, testable without Beam; the
-DoFns only adapt them (and load the tokenizer once per worker in ``setup``).
+DoFns only adapt them (and build the prompt tokenizer once per worker in ``setup``).
 
 Data flow. Encoded episodes are spilled as Arrow IPC files under the staging directory and only
 ``EpisodeRef``s (name, bytes, rows) go through the shuffle (see ``EncodeEpisodes``): temporary disk
 of about the rows' uncompressed size (~150 KB per 224x224 frame) under ``OUT/.staging-*/.work``.
 
-Performance (this 2-core VM, shared and noisy; 256x256 JPEG Bridge-layout frames -> 224x224):
-per frame, single thread, best of 5: decode 0.40 ms + lanczos3 resize and rounding 2.1 ms = 2.5 ms;
-on top of that the shard path adds PNG 0.19 ms (stored deflate, ``encode_png``), ids / Arrow 0.07 ms,
-spill 0.07 ms and the Parquet write with zstd 0.55-0.75 ms, i.e. 70-74 % of the decode+resize
-throughput. Whole pipeline (7,697 frames, FnApiRunner, 2 worker processes, read included in both):
-35 CPU-s for read+decode+resize vs 50 CPU-s for ``vlaprep shards`` (0.69), of which ~6 CPU-s is
-the fixed cost of importing transformers in the driver and each worker.
+Performance (a shared, noisy 2-core VM; 256x256 JPEG Bridge-layout frames -> 224x224). Per frame,
+one thread: decode 0.45 ms + lanczos3 resize and rounding 2.0 ms = 2.45 ms; the shard path adds
+PNG 0.2 ms (stored deflate, ``encode_png``; PIL ``compress_level=1`` would be 4-7 ms), ids / Arrow
+0.1 ms, spill 0.1-0.2 ms and the Parquet write with zstd 0.5-0.6 ms: ~70 % of the decode+resize
+throughput. Whole pipeline, 7,697 frames, FnApiRunner with 2 worker processes, read included in
+both: read+decode+resize 31.6 CPU-s / 29.4 s wall, ``vlaprep shards`` 44.5 CPU-s / 40.2 s wall
+(0.71 / 0.73). Workers tokenize with the tokenizer's Rust backend when it matches HF on the probes
+(``prompt_ids_backend``): importing transformers costs ~2 CPU-s per process.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema, validate_table_schema
 from vlaprep.transforms.action_tokenizer import ActionTokenizer
 from vlaprep.transforms.normalization import NormalizationSpec, normalize_actions
-from vlaprep.transforms.prompt import build_training_ids, prompt_prefix_ids
+from vlaprep.transforms.prompt import build_training_ids, openvla_prompt, prompt_prefix_ids
 from vlaprep.transforms.registry import DatasetSpec
 
 QUARANTINE = "quarantine"
@@ -214,7 +215,7 @@ class ShardOptions:
 
 
 # --------------------------------------------------------------------------------------------------
-# Tokenizer files: what the workers load, byte for byte what the manifest fingerprints
+# Tokenizer: the files the manifest fingerprints, the probes, and what workers tokenize prompts with
 # --------------------------------------------------------------------------------------------------
 
 # Top-level files of a HF tokenizer directory. A model directory (openvla-7b) also holds GBs of
@@ -241,7 +242,8 @@ _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepi
 class TokenizerFiles:
     """The tokenizer directory's files as ``((name, bytes), ...)``, sorted by name (a few MB at most).
 
-    Shipping the bytes (rather than a path) means every worker, local or remote, loads exactly the
+    Shipping the bytes (rather than a path) means every worker, local or remote, that needs the HF
+    tokenizer (when its Rust backend cannot stand in, see ``prompt_ids_backend``) loads exactly the
     files whose sha256 the manifest records.
     """
 
@@ -311,6 +313,71 @@ def probe_tokenization(tokenizer, chunk_width: int, vocab_size: int) -> str:
         if not round_trips or full != prefix + list(actions) + [eos]:
             return IDS_DIRECT
     return TEXT_ROUND_TRIP
+
+
+class HFPromptIds:
+    """Prompt ids through the HF tokenizer itself (the reference semantics)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def prefix_ids(self, instruction: str) -> list[int]:
+        """``tokenizer(openvla_prompt(instruction)).input_ids`` (BOS included)."""
+        return [int(i) for i in prompt_prefix_ids(self.tokenizer, instruction)]
+
+    def full_text_ids(self, instruction: str, action_ids: Sequence[int]) -> list[int]:
+        """The tokenization of OpenVLA's whole training text: prompt + decode(actions) + eos_token."""
+        text = openvla_prompt(instruction) + self.tokenizer.decode(list(action_ids)) + self.tokenizer.eos_token
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=True).input_ids]
+
+
+class BackendPromptIds:
+    """The same ids through the fast tokenizer's own Rust ``tokenizers.Tokenizer`` (what HF's fast
+    tokenizers call underneath). Workers use it when the driver verified it equals ``HFPromptIds`` on
+    the probes (``prompt_ids_backend``): importing ``tokenizers`` takes 0.06 s, ``transformers`` ~2 s of
+    CPU per worker process."""
+
+    def __init__(self, backend_json: str, eos_token: str):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(backend_json)
+        self.eos_token = eos_token
+
+    def prefix_ids(self, instruction: str) -> list[int]:
+        return list(self.backend.encode(openvla_prompt(instruction), add_special_tokens=True).ids)
+
+    def full_text_ids(self, instruction: str, action_ids: Sequence[int]) -> list[int]:
+        text = openvla_prompt(instruction) + self.backend.decode(list(action_ids), skip_special_tokens=False) + self.eos_token
+        return list(self.backend.encode(text, add_special_tokens=True).ids)
+
+
+PROBE_INSTRUCTIONS = (
+    PROBE_INSTRUCTION,
+    "PICK UP the green block.",
+    "  keep  double spaces,\ttabs and 2 digits ",
+    "\u00d6ffne die T\u00fcr \u2014 \u00fcn\u00efcode \u2713",
+    "close the drawer</s> then stop",
+)
+
+
+def prompt_ids_backend(tokenizer, chunk_width: int, vocab_size: int) -> str | None:
+    """The serialized Rust tokenizer if it gives exactly the HF tokenizer's prefix and full-text ids on
+    every probe (instructions x action-id sequences); None (workers load the HF tokenizer) otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    eos_token = getattr(tokenizer, "eos_token", None)
+    if backend is None or eos_token is None:
+        return None
+    serialized = backend.to_str()
+    fast, reference = BackendPromptIds(serialized, eos_token), HFPromptIds(tokenizer)
+    ids = list(range(vocab_size - N_BINS, vocab_size))
+    actions = [ids[:chunk_width], ids[-chunk_width:], [ids[N_BINS // 2]] * chunk_width]
+    for instruction in PROBE_INSTRUCTIONS:
+        if fast.prefix_ids(instruction) != reference.prefix_ids(instruction):
+            return None
+        for action_ids in actions:
+            if fast.full_text_ids(instruction, action_ids) != reference.full_text_ids(instruction, action_ids):
+                return None
+    return serialized
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,7 +541,8 @@ def load_spilled(spill_dir: str, ref: EpisodeRef) -> pa.RecordBatch:
 class EpisodeEncoder:
     """``Episode`` -> ``(EpisodeKey, pa.RecordBatch of its rows)`` or a ``QuarantineRecord``.
 
-    Holds the loaded tokenizer (one per worker) and a small instruction -> prompt ids cache. Per
+    Holds the prompt tokenizer (one per worker: ``HFPromptIds`` or ``BackendPromptIds``; a bare HF
+    tokenizer is wrapped in ``HFPromptIds``) and a small instruction -> prompt ids cache. Per
     episode everything is vectorized over steps: normalization, action tokens, chunks and the
     ``[T, L]`` id / label matrices; the prompt is tokenized once; the frames are decoded once and
     resized in one TF call.
@@ -484,7 +552,7 @@ class EpisodeEncoder:
         self.options = options
         self.specs = dict(specs)
         self.action_stats = dict(action_stats)
-        self.tokenizer = tokenizer
+        self.prompts = tokenizer if isinstance(tokenizer, (HFPromptIds, BackendPromptIds)) else HFPromptIds(tokenizer)
         self.action_tokenizer = options.action_tokenizer()
         self.schema = options.schema()
         self._prefix_cache: dict[str, list[int]] = {}
@@ -494,7 +562,7 @@ class EpisodeEncoder:
         if ids is None:
             if len(self._prefix_cache) > 4096:
                 self._prefix_cache.clear()
-            ids = self._prefix_cache[instruction] = [int(i) for i in prompt_prefix_ids(self.tokenizer, instruction)]
+            ids = self._prefix_cache[instruction] = self.prompts.prefix_ids(instruction)
         return ids
 
     def encode(self, episode: Episode):
@@ -568,9 +636,8 @@ class EpisodeEncoder:
         return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
 
     def _check_text_round_trip(self, instruction: str, input_ids: np.ndarray, action_ids: np.ndarray) -> None:
-        """One full-text tokenization per episode: its ids must equal the prefix path's (the probe said so)."""
-        full, _, round_trips = build_training_ids(self.tokenizer, instruction, action_ids.tolist())
-        if not round_trips or full != input_ids.tolist():
+        """One full-text tokenization per episode: it must equal the prefix path's ids (the probe said so)."""
+        if self.prompts.full_text_ids(instruction, action_ids.tolist()) != input_ids.tolist():
             raise ValueError(
                 "expected the prompt ids + action ids to equal the tokenization of OpenVLA's full text "
                 f"(tokenization {TEXT_ROUND_TRIP}), got a difference for instruction {instruction!r}"
@@ -748,15 +815,28 @@ def write_shard_file(
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """What a worker needs to build an ``EpisodeEncoder`` (pickles: options, specs, stats, file bytes)."""
+    """What a worker needs to build an ``EpisodeEncoder`` (pickles: options, specs, statistics and either
+    the verified Rust tokenizer JSON or the tokenizer files)."""
 
     options: ShardOptions
     specs: Mapping[str, DatasetSpec]
     action_stats: Mapping[str, dict]
-    tokenizer_files: TokenizerFiles
+    tokenizer_files: TokenizerFiles | None = None
+    backend_json: str | None = None
+    eos_token: str | None = None
+
+    def __post_init__(self):
+        if (self.tokenizer_files is None) == (self.backend_json is None):
+            raise ValueError("expected exactly one of tokenizer_files and backend_json")
+        if self.backend_json is not None and not self.eos_token:
+            raise ValueError("expected eos_token with backend_json")
 
     def build(self) -> EpisodeEncoder:
-        return EpisodeEncoder(self.options, self.specs, self.action_stats, self.tokenizer_files.load())
+        if self.backend_json is not None:
+            prompts = BackendPromptIds(self.backend_json, self.eos_token)
+        else:
+            prompts = HFPromptIds(self.tokenizer_files.load())
+        return EpisodeEncoder(self.options, self.specs, self.action_stats, prompts)
 
 
 class _EncodeEpisodeFn(beam.DoFn):

@@ -53,6 +53,7 @@ from vlaprep.pipelines.shards import (
     file_sha256,
     parse_cameras,
     probe_tokenization,
+    prompt_ids_backend,
 )
 from vlaprep.pipelines.stats_job import DatasetInput, beam_options
 from vlaprep.schemas import validate_json
@@ -449,15 +450,22 @@ def run_shards(
     _check_output_dir(output_dir)
     blocks, statistics_bytes = load_statistics(statistics, inputs)
     _check_normalization(blocks, normalization, statistics, action_dim)
-    files, _tok, vocab_size, eos_id, max_length, tokenization = load_tokenizer(tokenizer, action_chunk * action_dim)
+    files, hf_tokenizer, vocab_size, eos_id, max_length, tokenization = load_tokenizer(tokenizer, action_chunk * action_dim)
     options = ShardOptions(
         **draft, action_dim=action_dim, vocab_size=vocab_size, eos_id=eos_id, model_max_length=max_length, tokenization=tokenization
     )
+    # Workers tokenize prompts with the Rust tokenizer when it matches HF on every probe (no transformers import).
+    backend_json = prompt_ids_backend(hf_tokenizer, options.chunk_width, vocab_size)
+    specs = {i.name: i.spec for i in inputs}
+    if backend_json is not None:
+        config = EncoderConfig(options, specs, blocks, backend_json=backend_json, eos_token=hf_tokenizer.eos_token)
+    else:
+        config = EncoderConfig(options, specs, blocks, tokenizer_files=files)
     log(
-        f"[shards] tokenizer: vocab_size {vocab_size}, EOS {eos_id}, tokenization {tokenization}; "
-        f"{len(inputs)} dataset(s), chunk {action_chunk}, {options.normalization}, {options.action_encoding}"
+        f"[shards] tokenizer: vocab_size {vocab_size}, EOS {eos_id}, tokenization {tokenization}, workers use "
+        f"{'its Rust tokenizer' if backend_json else 'transformers'}; {len(inputs)} dataset(s), chunk {action_chunk}, "
+        f"{options.normalization}, {options.action_encoding}"
     )
-    config = EncoderConfig(options, {i.name: i.spec for i in inputs}, blocks, files)
 
     # --- build in staging -------------------------------------------------------------------------
     created = not os.path.exists(output_dir)

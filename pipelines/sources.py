@@ -154,6 +154,55 @@ class RLDSShard:
     num_records: int
 
 
+class CorruptRecordError(ValueError):
+    """A TFRecord file whose framing or checksums are wrong (flipped bytes, truncation)."""
+
+
+_CRC_MASK_DELTA = 0xA282EAD8
+
+
+def _masked_crc32c(data) -> int:
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def iter_tfrecord_file(path: str) -> Iterator[bytes]:
+    """Yield the records of a TFRecord file, verifying both CRC32C checksums of every record.
+
+    The format (tensorflow.org/tutorials/load_data/tfrecord): ``uint64 length, uint32 masked_crc32c(length),
+    data, uint32 masked_crc32c(data)``, little-endian. This is what ``tf.data.TFRecordDataset`` checks,
+    without TensorFlow (workers that compute statistics never import it) and without per-file dataset
+    set-up. Raises ``CorruptRecordError`` naming the record index and byte offset.
+    """
+    import struct
+
+    with open(path, "rb", buffering=1 << 20) as f:
+        index, offset = 0, 0
+        while True:
+            header = f.read(12)
+            if not header:
+                return
+            if len(header) < 12:
+                raise CorruptRecordError(f"truncated record header at byte {offset} (record {index}) of {os.path.basename(path)}")
+            length, length_crc = struct.unpack("<QI", header)
+            if _masked_crc32c(header[:8]) != length_crc:
+                raise CorruptRecordError(f"corrupt length checksum at byte {offset} (record {index}) of {os.path.basename(path)}")
+            data = f.read(length)  # read apart from its checksum: slicing would copy the record again
+            footer = f.read(4)
+            if len(data) < length or len(footer) < 4:
+                raise CorruptRecordError(
+                    f"truncated record {index} at byte {offset} of {os.path.basename(path)}: expected {length + 4} bytes, "
+                    f"got {len(data) + len(footer)}"
+                )
+            if _masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+                raise CorruptRecordError(f"corrupt data checksum in record {index} at byte {offset} of {os.path.basename(path)}")
+            yield data
+            index += 1
+            offset += 12 + length + 4
+
+
 def rlds_keys(spec: DatasetSpec, image_roles: Sequence[str] = ()) -> list[str]:
     """Step keys to parse: what the transform reads, the language key, the requested cameras."""
     keys = list(spec.required_keys)
@@ -230,20 +279,18 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
     and record index. A corrupt or truncated shard stops TFRecord reading at the bad record; every
     record of the shard not read by then is quarantined, so the accounting still balances.
     """
-    import tensorflow as tf
-
     if parser is None:
         parser = rlds_parser(shard.version_dir, rlds_keys(spec, image_roles), optional=[spec.language_key] if spec.language_key else [])
     path = os.path.join(shard.version_dir, shard.filename)
-    # TensorFlow's reader checks every record's CRC32C (how flipped bytes and truncation are caught).
-    iterator = tf.data.TFRecordDataset(path, buffer_size=8 << 20).as_numpy_iterator()
+    # Every record's CRC32C is checked: that is how flipped bytes and truncation are caught.
+    iterator = iter_tfrecord_file(path)
     index = 0
     while True:
         try:
             example = next(iterator)
         except StopIteration:
             break
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
+        except (CorruptRecordError, OSError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             beam.metrics.Metrics.counter(_NAMESPACE, "rlds_corrupt_shards").inc()
             for lost in range(index, max(index + 1, shard.num_records)):
@@ -259,7 +306,7 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
         index += 1
         try:
             yield decode_rlds_example(parser.parse(example), spec, episode_id, shard.split, image_roles)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError) as e:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError, IndexError) as e:
             yield QuarantineRecord(spec.name, episode_id, "read", f"{type(e).__name__}: {e}")
 
 

@@ -412,7 +412,7 @@ def test_units_split_rule_plan_and_png():
     assert index.tolist() == [[0, 1, 1], [1, 1, 1]] and mask.tolist() == [[True, True, False], [True, False, False]]
 
 
-def test_encoder_config_pickles(data, tmp_path):
+def test_encoder_config_pickles_and_prompt_backends_agree(data, tmp_path):
     import pickle
 
     from apache_beam.internal import pickler  # what Beam ships DoFns with
@@ -423,11 +423,25 @@ def test_encoder_config_pickles(data, tmp_path):
         action_encoding="uniform", target_shard_bytes=1 << 20, action_dim=7, vocab_size=32000, eos_id=2,
         model_max_length=2048, tokenization="text_round_trip",
     )
-    config = shards.EncoderConfig(options, {"bridge_orig": get_spec("bridge_orig")}, {"bridge_orig": data["statistics"]["bridge_orig"]["action"]}, files)
-    assert pickle.loads(pickle.dumps(config)) == config
-    fn = pickler.loads(pickler.dumps(shards._EncodeEpisodeFn(config, str(tmp_path))))
-    fn.setup()
-    assert fn._encoder.tokenizer.vocab_size == 32000
+    hf = data["tokenizer"]
+    backend_json = shards.prompt_ids_backend(hf, chunk_width=7, vocab_size=32000)
+    assert backend_json is not None  # the Llama-like fast tokenizer's Rust tokenizer matches HF on every probe
+    stats = {"bridge_orig": data["statistics"]["bridge_orig"]["action"]}
+    specs = {"bridge_orig": get_spec("bridge_orig")}
+    by_files = shards.EncoderConfig(options, specs, stats, tokenizer_files=files)
+    by_backend = shards.EncoderConfig(options, specs, stats, backend_json=backend_json, eos_token="</s>")
+    for config in (by_files, by_backend):
+        assert pickle.loads(pickle.dumps(config)) == config
+        fn = pickler.loads(pickler.dumps(shards._EncodeEpisodeFn(config, str(tmp_path))))
+        fn.setup()
+        prompts = fn._encoder.prompts
+        for instruction in ("Put the Carrot in the pot", "OPEN the drawer, then stop.", "  two  spaces "):
+            text = f"In: What action should the robot take to {instruction.lower()}?\nOut: "
+            assert prompts.prefix_ids(instruction) == hf(text).input_ids
+            actions = [31744, 31999, 31872, 31800, 31801, 31802, 31744]
+            assert prompts.full_text_ids(instruction, actions) == hf(text + hf.decode(actions) + "</s>").input_ids
+    with pytest.raises(ValueError, match="exactly one"):
+        shards.EncoderConfig(options, specs, stats)
 
 
 def test_ids_direct_tokenizer(data, tmp_path):
