@@ -281,7 +281,7 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
             run_validate(
                 shards_dir, config.model, val_dir, split=v.get("split", "heldout"), batch_size=int(v.get("batch_size", 8)),
                 device=v.get("device", "auto"), max_samples=v.get("max_samples"), trust_remote_code=config.trust_remote_code,
-                statistics=statistics_file, beam_args=args, log=log,
+                beam_args=args, log=log,
             )
             summary_doc["stages"]["validate"] = {"reused": False}
         report = _read_json(report_path)

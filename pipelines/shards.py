@@ -158,6 +158,7 @@ class ShardOptions:
     eos_id: int
     model_max_length: int
     tokenization: str
+    proprio_dim: int = 0  # P of the `proprio` column; 0 = no column (no state, or widths differ)
 
     def __post_init__(self):
         object.__setattr__(self, "cameras", parse_cameras(self.cameras))
@@ -190,7 +191,7 @@ class ShardOptions:
         return "wrist" in self.cameras
 
     def schema(self) -> pa.Schema:
-        return shard_schema(self.action_dim, chunk=self.action_chunk, proprio_dim=0, wrist=self.wrist)
+        return shard_schema(self.action_dim, chunk=self.action_chunk, proprio_dim=self.proprio_dim, wrist=self.wrist)
 
     def action_tokenizer(self) -> ActionTokenizer:
         return ActionTokenizer.from_encoding(self.action_encoding, vocab_size=self.vocab_size, n_bins=N_BINS)
@@ -211,6 +212,7 @@ class ShardOptions:
             "eos_id": self.eos_id,
             "model_max_length": self.model_max_length,
             "tokenization": self.tokenization,
+            "proprio_dim": self.proprio_dim,
         }
 
 
@@ -628,6 +630,11 @@ class EpisodeEncoder:
             "action_chunk_mask": _fixed_size_list(mask, n, pa.bool_()),
             "normalized_action_chunk": _fixed_size_list(normalized[index], n * d, pa.float32()),
         }
+        if opts.proprio_dim:
+            proprio = np.ascontiguousarray(trajectory.proprio, dtype=np.float32)  # [T, P]
+            if proprio.shape != (t, opts.proprio_dim):
+                raise ValueError(f"expected proprio [T, {opts.proprio_dim}] like the run's other episodes, got {proprio.shape!r}")
+            columns["proprio"] = _fixed_size_list(proprio, opts.proprio_dim, pa.float32())
         for role in opts.cameras:
             if role not in episode.images:
                 raise ValueError(f"expected {role} camera images in the episode, got roles {sorted(episode.images)!r}")

@@ -65,7 +65,9 @@ MANIFEST_FORMAT_VERSION = 1
 _STAGING_PREFIX = ".staging-"
 _OLD_PREFIX = ".old-"
 _WORK = ".work"
-_OUTPUT_ENTRIES = (TRAIN, HELDOUT, QUARANTINE_DIR)
+INPUTS_DIR = "inputs"
+STATISTICS_COPY = "inputs/dataset_statistics.json"  # the statistics the rows were normalized with
+_OUTPUT_ENTRIES = (TRAIN, HELDOUT, QUARANTINE_DIR, INPUTS_DIR)
 
 
 @dataclasses.dataclass
@@ -174,6 +176,44 @@ def _check_inputs(inputs: Sequence[DatasetInput], cameras: tuple[str, ...]) -> i
                 "registry entry; hint: use --cameras primary, or declare wrist_image with --registry"
             )
     return next(iter(dims.values()))
+
+
+def probe_proprio_dim(inputs: Sequence[DatasetInput], log=print, tries: int = 8) -> int:
+    """P of the `proprio` column: the width every dataset's transform gives (read from a few episodes on
+    the launcher), or 0 when a dataset has no state or the widths differ (one schema per run)."""
+    from vlaprep.pipelines.stats import transform_episode
+    from vlaprep.schemas.episode import Episode as _Episode
+
+    widths = {}
+    for item in inputs:
+        width = None
+        if item.spec.source_format == "rlds":
+            source = sources.ReadRLDS(item.path, item.spec)
+            candidates = (e for shard in source.shards for e in sources.read_rlds_shard(shard, item.spec))
+        else:
+            candidates = (_try_calvin(w, item.spec) for w in sources.list_calvin_windows(item.path))
+        for i, episode in enumerate(candidates):
+            if i >= tries:
+                break
+            if isinstance(episode, _Episode):
+                try:
+                    width = int(transform_episode(episode, item.spec).trajectory.proprio.shape[1])
+                    break
+                except (ValueError, KeyError, IndexError, TypeError):
+                    continue
+        widths[item.name] = width or 0
+    distinct = set(widths.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    log(f"[shards] no proprio column: widths differ across datasets {widths}; run them separately to keep it")
+    return 0
+
+
+def _try_calvin(window, spec):
+    try:
+        return sources.load_calvin_window(window, spec)
+    except (ValueError, OSError):
+        return None
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -325,7 +365,11 @@ def build_manifest(
             "columns": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
         },
         "inputs": {
-            "statistics": {"sha256": hashlib.sha256(statistics_bytes).hexdigest(), "bytes": len(statistics_bytes)},
+            "statistics": {
+                "sha256": hashlib.sha256(statistics_bytes).hexdigest(),
+                "bytes": len(statistics_bytes),
+                "path": STATISTICS_COPY,
+            },
             "tokenizer": tokenizer_files.fingerprint(),
             "datasets": {
                 i.name: {"source_format": i.spec.source_format, "registry_fingerprint": i.spec.fingerprint()}
@@ -451,8 +495,10 @@ def run_shards(
     blocks, statistics_bytes = load_statistics(statistics, inputs)
     _check_normalization(blocks, normalization, statistics, action_dim)
     files, hf_tokenizer, vocab_size, eos_id, max_length, tokenization = load_tokenizer(tokenizer, action_chunk * action_dim)
+    proprio_dim = probe_proprio_dim(inputs, log)
     options = ShardOptions(
-        **draft, action_dim=action_dim, vocab_size=vocab_size, eos_id=eos_id, model_max_length=max_length, tokenization=tokenization
+        **draft, action_dim=action_dim, vocab_size=vocab_size, eos_id=eos_id, model_max_length=max_length,
+        tokenization=tokenization, proprio_dim=proprio_dim,
     )
     # Workers tokenize prompts with the Rust tokenizer when it matches HF on every probe (no transformers import).
     backend_json = prompt_ids_backend(hf_tokenizer, options.chunk_width, vocab_size)
@@ -474,6 +520,9 @@ def run_shards(
     try:
         for name in _OUTPUT_ENTRIES:
             os.makedirs(os.path.join(staging, name))
+        # A copy travels with the shards, so `vlaprep validate` and trainers un-normalize from OUT alone.
+        with open(os.path.join(staging, STATISTICS_COPY), "wb") as f:
+            f.write(statistics_bytes)
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
             build_shards_pipeline(pipeline, inputs, config, staging)
         work = os.path.join(staging, _WORK)

@@ -35,9 +35,11 @@ QUARANTINE_FILE = "quarantine.jsonl"
 # Local runs must never reach for the network: the plain DirectRunner first tries to download Prism.
 DEFAULT_BEAM_ARGS = (
     "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner",
-    "--direct_running_mode=multi_processing",
     "--default_sdk_harness_log_level=WARNING",
 )
+# Worker processes cost ~4 s to start (each imports Beam and the pipeline's modules) and then read in
+# parallel; below this much input one in-process worker finishes first (measured: benchmarks/).
+PARALLEL_MIN_BYTES = 256 << 20
 
 
 class NoValidEpisodesError(ValueError):
@@ -51,13 +53,22 @@ class DatasetInput:
     spec: DatasetSpec
 
 
-def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """PipelineOptions from the pass-through flags, with network-free local defaults when no runner is named."""
+def beam_options(beam_args: Sequence[str], input_bytes: int | None = None) -> PipelineOptions:
+    """PipelineOptions from the pass-through flags, with network-free local defaults when no runner is named.
+
+    Default: Beam's FnApiRunner with one worker process per core, or in-process when ``input_bytes`` is
+    known to be below ``PARALLEL_MIN_BYTES`` (or there is one core). ``--direct_running_mode`` and
+    ``--direct_num_workers`` override the choice; ``--runner`` replaces all of it.
+    """
     args = list(beam_args)
     if not any(a.startswith("--runner") for a in args):
         args = list(DEFAULT_BEAM_ARGS) + args
+        cores = os.cpu_count() or 1
+        if not any(a.startswith("--direct_running_mode") for a in args):
+            small = input_bytes is not None and input_bytes < PARALLEL_MIN_BYTES
+            args.append("--direct_running_mode=" + ("in_memory" if small or cores == 1 else "multi_processing"))
         if not any(a.startswith("--direct_num_workers") for a in args):
-            args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+            args.append(f"--direct_num_workers={cores}")
     return PipelineOptions(args)
 
 
@@ -236,7 +247,8 @@ def run_stats(
         log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
         work_dir = tempfile.mkdtemp(prefix=".stats-work-", dir=output_dir)
         try:
-            with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+            input_bytes = sum(os.path.getsize(f) for item in todo for f in sources.source_files(item.path, item.spec))
+            with beam.Pipeline(options=beam_options(beam_args, input_bytes)) as pipeline:
                 units.update(build_stats_pipeline(pipeline, todo, with_proprio, work_dir, output_dir, force))
             log(f"[stats] read {units['units_read']} source units, reused {units['units_reused']} cached unit projections")
             new_entries = dict(_read_json_lines(os.path.join(work_dir, "entries")))
