@@ -147,7 +147,7 @@ def ref_image(source, index):
     return np.clip(np.round(resized), 0, 255).astype(np.uint8)
 
 
-def expected_rows(episode, trajectory, block, tokenizer, chunk=1, normalization="bounds_q99", encoding="uniform", cameras=("primary",)):
+def expected_rows(episode, trajectory, block, tokenizer, chunk=1, normalization="bounds_q99", encoding="uniform", cameras=("primary",), proprio=False):
     action = np.asarray(trajectory.action, np.float32)
     t, d = action.shape
     normalized = ref_normalize(action, block, normalization)
@@ -176,6 +176,8 @@ def expected_rows(episode, trajectory, block, tokenizer, chunk=1, normalization=
         }
         for role in cameras:
             row[f"image_{role}"] = ref_image(episode.images[role], int(trajectory.step_index[step]))
+        if proprio:
+            row["proprio"] = np.asarray(trajectory.proprio[step], np.float32)
         rows.append(row)
     return rows
 
@@ -225,7 +227,10 @@ def check_output(out, data, *, datasets, chunk=1, normalization="bounds_q99", en
             score = int.from_bytes(hashlib.sha256(f"{seed}\0{item.name}\0{episode_id}".encode()).digest()[:8], "big") / 2**64
             assert split == ("heldout" if score < fraction else "train")
             splits[split] += 1
-            want = expected_rows(episode, trajectory, block, data["tokenizer"], chunk, normalization, encoding, cameras)
+            has_proprio = manifest["options"]["proprio_dim"] > 0
+            if has_proprio:
+                assert manifest["options"]["proprio_dim"] == trajectory.proprio.shape[1]
+            want = expected_rows(episode, trajectory, block, data["tokenizer"], chunk, normalization, encoding, cameras, has_proprio)
             assert len(rows) == len(want)
             for row, ref in zip(rows, want):
                 assert set(row) == set(ref), (set(row) ^ set(ref))
@@ -292,7 +297,9 @@ def test_every_column_of_every_row_matches_the_reference(main_output, data):
 def test_manifest_lists_exactly_the_complete_files(main_output):
     manifest = shards_job.verify_output(str(main_output))
     on_disk = {p for p in output_bytes(main_output) if p != "manifest.json"}
-    assert on_disk == {f["path"] for f in manifest["files"]} | {manifest["quarantine"]["path"]}
+    assert on_disk == {f["path"] for f in manifest["files"]} | {manifest["quarantine"]["path"], manifest["inputs"]["statistics"]["path"]}
+    copy = main_output / manifest["inputs"]["statistics"]["path"]
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == manifest["inputs"]["statistics"]["sha256"]
     for split in ("train", "heldout"):
         paths = [f["path"] for f in manifest["files"] if f["split"] == split]
         n = len(paths)
@@ -344,7 +351,9 @@ def test_wrist_camera_and_normal_mode(data, tmp_path):
     run(data, out, datasets=("calvin",), cameras="primary,wrist", normalization="normal", heldout_fraction=0.0, seed=7)
     manifest, got = check_output(out, data, datasets=("calvin",), normalization="normal", cameras=("primary", "wrist"), fraction=0.0, seed=7)
     assert manifest["splits"]["heldout"] == {"files": 0, "episodes": 0, "rows": 0, "bytes": 0}
-    assert pq.read_schema(out / manifest["files"][0]["path"]).names[-1] == "image_wrist"
+    names = pq.read_schema(out / manifest["files"][0]["path"]).names
+    assert names[-2:] == ["image_wrist", "proprio"]  # one dataset: its proprio (CALVIN robot_obs) is a column
+    assert manifest["options"]["proprio_dim"] == 15
 
 
 def test_failed_pipeline_leaves_no_manifest_and_no_partial_files(data, tmp_path, monkeypatch):
@@ -370,7 +379,7 @@ def test_failed_pipeline_leaves_no_manifest_and_no_partial_files(data, tmp_path,
     monkeypatch.setattr(shards, "write_shard_file", crash_after_first_file)
     with pytest.raises(Exception, match="simulated worker crash"):
         run(data, old, datasets=("calvin",), target_shard_mb=0.02, seed=1)
-    assert output_bytes(old) == before and sorted(os.listdir(old)) == ["heldout", "manifest.json", "quarantine", "train"]
+    assert output_bytes(old) == before and sorted(os.listdir(old)) == ["heldout", "inputs", "manifest.json", "quarantine", "train"]
     shards_job.verify_output(str(old))
 
     # A crash after the swap but before the manifest: no manifest at all (incomplete, never wrong).
@@ -389,7 +398,7 @@ def test_failed_pipeline_leaves_no_manifest_and_no_partial_files(data, tmp_path,
     monkeypatch.setattr(shards_job, "write_bytes_atomic", real_write)
     result = run(data, old, datasets=("calvin",), target_shard_mb=0.02, seed=1)  # the next run repairs it
     shards_job.verify_output(str(old), result.manifest)
-    assert sorted(os.listdir(old)) == ["heldout", "manifest.json", "quarantine", "train"]
+    assert sorted(os.listdir(old)) == ["heldout", "inputs", "manifest.json", "quarantine", "train"]
 
 
 def test_units_split_rule_plan_and_png():
