@@ -13,7 +13,10 @@ processes, alternating, medians after a warm-up round:
                 PNG -> float tensor, collate                                         -> samples/s (target >= 5x online)
   loader_h2     the same with history=2                                             -> samples/s (target >= 0.7x loader_h1)
 
-  python benchmarks/shards_benchmark.py [--episodes 250] [--reps 3] [--data DIR]
+  python benchmarks/shards_benchmark.py [--small 100] [--large 300] [--reps 2] [--data DIR]
+
+Rates are marginal (extra items / extra wall between the two sizes), so each program's start-up
+(imports, worker processes, tokenizer load) cancels, as in the statistics benchmark.
 """
 
 from __future__ import annotations
@@ -119,82 +122,95 @@ def _floor_cmd(scratch: str, version_dir: str) -> list[str]:
     return ["bash", "-c", f"'{PY}' '{script}' '{version_dir}' 0 2 & '{PY}' '{script}' '{version_dir}' 1 2 & wait"]
 
 
+def _count_frames(version_dir: str, split: str | None = None) -> int:
+    import glob
+
+    from vlaprep.pipelines.sources import RLDSParser, iter_tfrecord_file
+
+    parser = RLDSParser(version_dir, ["action"])
+    pattern = f"*-{split}.tfrecord-*" if split else "*.tfrecord-*"
+    return sum(len(parser.parse(r)["action"]) for f in glob.glob(os.path.join(version_dir, pattern)) for r in iter_tfrecord_file(f))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--episodes", type=int, default=250)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--small", type=int, default=100)
+    parser.add_argument("--large", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--data", default=os.environ.get("VLAPREP_BENCH_DATA", "/tmp/vlaprep_bench"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    version_dir = ensure_dataset(args.data, args.episodes)
+    sizes = {"small": args.small, "large": args.large}
+    dirs = {k: ensure_dataset(args.data, n) for k, n in sizes.items()}
     scratch = tempfile.mkdtemp(prefix="vlaprep-shards-bench-")
+    programs = ("shards_c1", "shards_c8", "image_floor", "online", "loader_h1", "loader_h2")
+    runs = {k: {p: [] for p in programs} for k in sizes}
+    items = {k: {} for k in sizes}
     try:
         from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 
         tok_dir = os.path.join(scratch, "tok")
         build_llama_like_tokenizer(tok_dir)
-        stats_dir = os.path.join(scratch, "stats")
-        subprocess.run([VLAPREP, "stats", "--dataset", f"bridge_orig={version_dir}", "--output", stats_dir], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        statistics_file = os.path.join(stats_dir, "dataset_statistics.json")
+        stats_files, shard_dirs = {}, {}
+        for size, version_dir in dirs.items():
+            out = os.path.join(scratch, f"stats_{size}")
+            subprocess.run([VLAPREP, "stats", "--dataset", f"bridge_orig={version_dir}", "--output", out], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stats_files[size] = os.path.join(out, "dataset_statistics.json")
+            shard_dirs[size] = os.path.join(scratch, f"shards_{size}")
 
-        def shards_cmd(chunk: int, out: str) -> list[str]:
-            return [VLAPREP, "shards", "--dataset", f"bridge_orig={version_dir}", "--statistics", statistics_file,
+        def shards_cmd(size: str, chunk: int, out: str) -> list[str]:
+            return [VLAPREP, "shards", "--dataset", f"bridge_orig={dirs[size]}", "--statistics", stats_files[size],
                     "--tokenizer", tok_dir, "--output", out, "--action-chunk", str(chunk)]
 
-        shards_out = os.path.join(scratch, "shards_c1")
-        runs: dict[str, list] = {k: [] for k in ("shards_c1", "shards_c8", "image_floor", "online", "loader_h1", "loader_h2")}
-        online_limit = 1500
-        for rep in range(args.reps + 1):
-            for name in runs:
-                if name.startswith("shards"):
-                    out = os.path.join(scratch, f"{name}_{rep}")
-                    m = measure(shards_cmd(1 if name == "shards_c1" else 8, out))
-                    if name == "shards_c1" and rep == 0:
-                        shutil.copytree(out, shards_out)
-                    shutil.rmtree(out, ignore_errors=True)
-                elif name == "image_floor":
-                    m = measure(_floor_cmd(scratch, version_dir))
-                elif name == "online":
-                    m = measure([PY, _script(scratch, "online", ONLINE), version_dir, tok_dir, str(online_limit)])
-                else:
-                    history = 1 if name == "loader_h1" else 2
-                    m = measure([PY, _script(scratch, "loader", LOADER), shards_out, str(history), "100000000"])
-                if rep:
-                    runs[name].append(m)
-        with open(os.path.join(shards_out, "manifest.json")) as f:
-            manifest = json.load(f)
-        rows = manifest["splits"]["train"]["rows"] + manifest["splits"]["heldout"]["rows"]
-        train_rows = manifest["splits"]["train"]["rows"]
-        # the floor decodes every step of every source episode (quarantined ones too)
-        import glob
-
-        from vlaprep.pipelines.sources import RLDSParser, iter_tfrecord_file
-
-        p = RLDSParser(version_dir, ["action"])
-        frames = sum(len(p.parse(r)["action"]) for f in glob.glob(os.path.join(version_dir, "*.tfrecord-*")) for r in iter_tfrecord_file(f))
+        for rep in range(args.reps + 1):  # round 0 is the warm-up, discarded (it also writes the loader's input)
+            for size in sizes:
+                for name in programs:
+                    if name.startswith("shards"):
+                        out = os.path.join(scratch, f"{name}_{size}_{rep}")
+                        m = measure(shards_cmd(size, 1 if name == "shards_c1" else 8, out))
+                        if name == "shards_c1" and rep == 0:
+                            shutil.copytree(out, shard_dirs[size])
+                        shutil.rmtree(out, ignore_errors=True)
+                    elif name == "image_floor":
+                        m = measure(_floor_cmd(scratch, dirs[size]))
+                    elif name == "online":
+                        m = measure([PY, _script(scratch, "online", ONLINE), dirs[size], tok_dir, "100000000"])
+                    else:
+                        history = 1 if name == "loader_h1" else 2
+                        m = measure([PY, _script(scratch, "loader", LOADER), shard_dirs[size], str(history), "100000000"])
+                    if rep:
+                        runs[size][name].append(m)
+        for size in sizes:
+            with open(os.path.join(shard_dirs[size], "manifest.json")) as f:
+                manifest = json.load(f)
+            rows = manifest["splits"]["train"]["rows"] + manifest["splits"]["heldout"]["rows"]
+            items[size] = {
+                "shards_c1": rows, "shards_c8": rows,
+                "image_floor": _count_frames(dirs[size]),          # the floor decodes every source frame
+                "online": _count_frames(dirs[size], "train"),     # the online pipeline walks the train split
+                "loader_h1": manifest["splits"]["train"]["rows"], "loader_h2": manifest["splits"]["train"]["rows"],
+            }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    med = {k: {q: statistics.median(m[q] for m in v) for q in ("wall", "cpu", "rss_mib")} for k, v in runs.items()}
-    rate = {
-        "shards_c1": rows / med["shards_c1"]["wall"],
-        "shards_c8": rows / med["shards_c8"]["wall"],
-        "image_floor": frames / med["image_floor"]["wall"],
-        "online": online_limit / med["online"]["wall"],
-        "loader_h1": train_rows / med["loader_h1"]["wall"],
-        "loader_h2": train_rows / med["loader_h2"]["wall"],
-    }
-    print(f"{'program':>12} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9} {'items/s':>9}")
-    for k in runs:
-        print(f"{k:>12} {med[k]['wall']:>8.2f} {med[k]['cpu']:>8.2f} {med[k]['rss_mib']:>9.0f} {rate[k]:>9.1f}")
-    print(f"rows written {rows} (train {train_rows}); frames in the source {frames}")
-    print(f"shards vs image floor (steps/s): {rate['shards_c1'] / rate['image_floor']:.2f}x (target >= 0.70)")
-    print(f"--action-chunk 8 time vs 1: {med['shards_c8']['wall'] / med['shards_c1']['wall']:.3f}x (target <= 1.10)")
-    print(f"loader vs online baseline (samples/s): {rate['loader_h1'] / rate['online']:.1f}x (target >= 5)")
-    print(f"loader history=2 vs 1: {rate['loader_h2'] / rate['loader_h1']:.2f}x (target >= 0.70)")
+    med = {k: {p: {q: statistics.median(m[q] for m in v) for q in ("wall", "cpu", "rss_mib")} for p, v in r.items()} for k, r in runs.items()}
+    marginal = {p: (items["large"][p] - items["small"][p]) / (med["large"][p]["wall"] - med["small"][p]["wall"]) for p in programs}
+    print(f"{'program':>12} {'size':>6} {'items':>6} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}")
+    for p in programs:
+        for size in sizes:
+            m = med[size][p]
+            print(f"{p:>12} {sizes[size]:>6} {items[size][p]:>6} {m['wall']:>8.2f} {m['cpu']:>8.2f} {m['rss_mib']:>9.0f}")
+    print("marginal rates (extra items / extra wall from small to large; start-up cancels):")
+    for p in programs:
+        print(f"  {p:>12}: {marginal[p]:8.1f} items/s")
+    print(f"shards vs image floor (steps/s): {marginal['shards_c1'] / marginal['image_floor']:.2f}x (target >= 0.70)")
+    c8 = (med["large"]["shards_c8"]["wall"] - med["small"]["shards_c8"]["wall"]) / (med["large"]["shards_c1"]["wall"] - med["small"]["shards_c1"]["wall"])
+    print(f"--action-chunk 8 time vs 1: marginal {c8:.3f}x, whole process {med['large']['shards_c8']['wall'] / med['large']['shards_c1']['wall']:.3f}x (target <= 1.10)")
+    print(f"loader vs online baseline (samples/s): {marginal['loader_h1'] / marginal['online']:.1f}x (target >= 5)")
+    print(f"loader history=2 vs 1: {marginal['loader_h2'] / marginal['loader_h1']:.2f}x (target >= 0.70)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"medians": med, "rates": rate, "rows": rows, "frames": frames}, f, indent=2)
+            json.dump({"medians": med, "items": items, "marginal": marginal, "sizes": sizes}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from vlaprep.paths import confined
 from vlaprep.pipelines import fingerprint
 from vlaprep.pipelines.stats_job import CACHE_FILE, DatasetInput, dataset_fingerprint, run_stats, summary_table, write_json_atomic
 from vlaprep.transforms.registry import get_spec, merged_registry
@@ -174,7 +175,7 @@ def read_latest(output: str) -> dict:
 
 def latest_version_dir(output: str) -> str | None:
     latest = read_latest(output)
-    return os.path.join(output, VERSIONS_DIR, latest["version"]) if latest else None
+    return confined(os.path.join(output, VERSIONS_DIR), latest["version"], LATEST_FILE) if latest else None
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -223,7 +224,7 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
     fps = stage_fingerprints(config, inputs)
     version = "v-" + fingerprint.combine(fps)[:16]
     latest = read_latest(config.output)
-    previous = os.path.join(config.output, VERSIONS_DIR, latest["version"]) if latest else None
+    previous = latest_version_dir(config.output)
     previous_fps = latest.get("fingerprints", {}) if latest else {}
     vdir = os.path.join(config.output, VERSIONS_DIR, version)
     if latest.get("version") == version:
@@ -316,7 +317,7 @@ def status(config_or_output: str) -> str:
     latest = read_latest(output)
     if not latest:
         return f"{output}: nothing published yet (no {LATEST_FILE})"
-    vdir = os.path.join(output, VERSIONS_DIR, latest["version"])
+    vdir = latest_version_dir(output)
     summary_doc = _read_json(os.path.join(vdir, SUMMARY_FILE))
     published = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(os.path.join(output, LATEST_FILE))))
     lines = [f"{output}: published {latest['version']} at {published} (kept: {', '.join(latest.get('history', []))})"]

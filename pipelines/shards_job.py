@@ -34,6 +34,7 @@ import apache_beam as beam
 import numpy as np
 
 import vlaprep
+from vlaprep.paths import confined
 from vlaprep.pipelines import sources
 from vlaprep.pipelines.shards import (
     HELDOUT,
@@ -439,7 +440,7 @@ def verify_output(output_dir: str, manifest: dict | None = None) -> dict:
             manifest = json.load(f)
     entries = list(manifest["files"]) + [manifest["quarantine"]]
     for entry in entries:
-        path = os.path.join(output_dir, entry["path"])
+        path = confined(output_dir, entry["path"], os.path.join(output_dir, MANIFEST_FILE))
         if not os.path.isfile(path):
             raise RuntimeError(f"expected {entry['path']} listed in the manifest to exist in {output_dir!r}, got no such file")
         size = os.path.getsize(path)

@@ -72,6 +72,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
+from vlaprep.paths import confined
 from vlaprep.transforms.action_tokenizer import ActionTokenizer
 from vlaprep.transforms.normalization import (
     BOUNDS,
@@ -234,9 +235,10 @@ def _resolve_statistics(manifest: Mapping[str, Any], root: str, statistics_path:
         if isinstance(value, Mapping) and ("path" in value or "content" in value):
             value = value.get("content", value.get("path"))
         if isinstance(value, str):
-            path = value if os.path.isabs(value) else os.path.join(root, value)
-            if not os.path.exists(path) and os.path.exists(value):  # a path relative to the writer's cwd
-                path = value
+            try:
+                path = confined(root, value, f"{MANIFEST_FILE} key {key!r}")
+            except ValueError as e:
+                raise ValidationError(str(e)) from None
             return _load_statistics_file(path, sha256, f"dataset statistics (manifest key {key!r})"), path, sha256
         if isinstance(value, Mapping):
             return value, f"{MANIFEST_FILE}[{key!r}]", sha256
@@ -285,6 +287,11 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
     vocab_size = int(_option(options, "vocab_size", where))
     n_bins = int(_option(options, "n_bins", where, default=256))
 
+    for path, _rows in files:
+        try:
+            confined(root, path, f"{manifest_path} 'files'")
+        except ValueError as e:
+            raise ValidationError(str(e)) from None
     first = os.path.join(root, files[0][0])
     schema = pq.read_schema(first)
     if "action" not in schema.names or "action_token_ids" not in schema.names:

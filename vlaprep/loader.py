@@ -9,7 +9,8 @@ One item of ``ShardDataset`` (S = image size, H = history, N = action chunk, D =
 P = proprio width, L = tokens of this sample):
   input_ids                int64   [L]
   labels                   int64   [L]            -100 except the last N*D + 1 positions
-  pixel_values             float32 [3, S, S]      primary camera, in [0, 1]; [H, 3, S, S] when H > 1
+  pixel_values             float32 [3, S, S]      primary camera, in [0, 1] (uint8 0..255 with pixel_dtype="uint8");
+                                                  [H, 3, S, S] when H > 1
   history_mask             bool    [H]            only when H > 1; False where the frame precedes the episode
   wrist_pixel_values       float32 [3, S, S]      only when the shards have ``image_wrist`` (no history)
   proprio                  float32 [P]            [H, P] when H > 1; only when the shards have ``proprio``
@@ -46,6 +47,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from vlaprep.paths import confined
 
 from vlaprep.schemas.shards import LABEL_IGNORE, validate_table_schema
 
@@ -85,6 +88,7 @@ def resolve_shards_root(root: str | os.PathLike) -> str:
         return root
     with fs.open_input_stream(pointer) as f:
         version = json.loads(f.read())["version"]
+    confined("<run>", str(version), "LATEST")
     return _join(root, f"versions/{version}/shards")
 
 
@@ -134,6 +138,7 @@ def _manifest_files(manifest: dict, split: str) -> list[ShardFile] | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"expected manifest file entries with a 'path' string, got {entry!r}")
         path = entry["path"]
+        confined("<shards>", path, "manifest.json 'files'")  # no absolute paths or '..' from a manifest
         entry_split = known_split or entry.get("split") or path.split("/", 1)[0]
         if entry_split != split:
             continue
@@ -245,8 +250,8 @@ class ShardLayout:
 def decode_image(data: bytes) -> torch.Tensor:
     """PNG (or any PIL format) bytes -> uint8 tensor [3, H, W]. Called once per stored frame per pass."""
     with Image.open(io.BytesIO(data)) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], a fresh array
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # [3, H, W]: one copy
 
 
 def _to_unit_float(frames: torch.Tensor) -> torch.Tensor:
@@ -419,8 +424,13 @@ class ShardDataset(IterableDataset):
         epoch: int = 0,
         columns: Sequence[str] | None = None,
         decode_images: bool = True,
+        pixel_dtype: str = "float32",
     ):
         super().__init__()
+        if pixel_dtype not in ("float32", "uint8"):
+            raise ValueError(f"expected pixel_dtype 'float32' ([0, 1]) or 'uint8' (raw 0..255), got {pixel_dtype!r}")
+        # uint8 moves 4x fewer bytes from DataLoader workers to the trainer; normalize on the GPU.
+        self.pixel_dtype = pixel_dtype
         if history < 1:
             raise ValueError(f"expected history >= 1, got {history!r}")
         if shuffle_buffer < 0:
@@ -676,7 +686,8 @@ class ShardDataset(IterableDataset):
         out = dict(item)
         for src, dst in (("image_primary", "pixel_values"), ("image_wrist", "wrist_pixel_values")):
             if src in out and isinstance(out[src], torch.Tensor):
-                out[dst] = _to_unit_float(out.pop(src))
+                frames = out.pop(src)
+                out[dst] = _to_unit_float(frames) if self.pixel_dtype == "float32" else frames
         return out
 
 

@@ -143,3 +143,19 @@ def test_loader_follows_latest_pointer(workspace):
     manifest = json.loads((workspace / "out" / "versions" / latest["version"] / "shards" / "manifest.json").read_text())
     rows = list(ShardDataset(str(workspace / "out"), split="train", shuffle=False, decode_images=False))
     assert len(rows) == manifest["splits"]["train"]["rows"]
+
+
+def test_loader_uint8_pixels_equal_float_pixels_times_255(workspace):
+    import torch
+
+    from vlaprep.loader import ShardDataset
+
+    floats = list(ShardDataset(str(workspace / "out"), split="train", shuffle=False, history=2))
+    raw = list(ShardDataset(str(workspace / "out"), split="train", shuffle=False, history=2, pixel_dtype="uint8"))
+    assert len(floats) == len(raw) > 0
+    for a, b in zip(floats, raw):
+        assert b["pixel_values"].dtype == torch.uint8 and a["pixel_values"].dtype == torch.float32
+        assert torch.equal(b["pixel_values"].to(torch.float32) / 255.0, a["pixel_values"])
+        assert torch.equal(a["history_mask"], b["history_mask"])
+    with pytest.raises(ValueError, match="pixel_dtype"):
+        ShardDataset(str(workspace / "out"), pixel_dtype="float16")
