@@ -2,6 +2,7 @@
 
 Outputs in the config's ``output`` directory (immutable versions + an atomic pointer):
   LATEST                      {"version", "fingerprints" per stage, "history"}: replaced last, atomically
+  current -> versions/<version>   convenience symlink, replaced right after LATEST
   versions/<version>/stats/        dataset_statistics.json (+ cache, quarantine, histograms)
   versions/<version>/shards/       train/ heldout/ quarantine/ manifest.json
   versions/<version>/validation/   validation_report.json, predictions.jsonl
@@ -49,6 +50,7 @@ from vlaprep.transforms.registry import get_spec, merged_registry
 
 SUMMARY_FILE = "run_summary.json"
 LATEST_FILE = "LATEST"
+CURRENT_LINK = "current"
 VERSIONS_DIR = "versions"
 _TOP_KEYS = {"output", "tokenizer", "model", "registry", "datasets", "stats", "shards", "validate", "beam_args",
              "trust_remote_code", "keep_versions"}
@@ -195,6 +197,19 @@ def _link_tree(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+def _point_current(output: str, version: str) -> None:
+    """``OUT/current`` -> ``versions/<version>`` for people and tools that prefer a path; replaced atomically."""
+    link = os.path.join(output, CURRENT_LINK)
+    tmp = f"{link}.tmp-{os.getpid()}"
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.path.join(VERSIONS_DIR, version), tmp)
+        os.replace(tmp, link)
+    except OSError:
+        pass  # a filesystem without symlinks still has LATEST, the source of truth
+
+
 def _apply_retention(output: str, keep: list[str]) -> list[str]:
     versions_root = os.path.join(output, VERSIONS_DIR)
     removed = []
@@ -299,6 +314,7 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
     history = [version] + [v for v in latest.get("history", []) if v != version]
     keep = history[: max(1, config.keep_versions)]
     write_json_atomic(os.path.join(config.output, LATEST_FILE), {"version": version, "fingerprints": fps, "history": keep})
+    _point_current(config.output, version)
     removed = _apply_retention(config.output, keep)
     if removed:
         log(f"[run] retention: removed {', '.join(removed)} (keeping {len(keep)} versions)")

@@ -88,3 +88,23 @@ def test_stats_identical_through_job_service_and_external_workers(tmp_path, data
     assert (tmp_path / "local/dataset_statistics.json").read_bytes() == (tmp_path / "portable/dataset_statistics.json").read_bytes()
     assert (tmp_path / "local/quarantine.jsonl").read_bytes() == (tmp_path / "portable/quarantine.jsonl").read_bytes()
     assert len(local.quarantine) == 2
+
+
+@pytest.mark.timeout(400)
+def test_shards_identical_through_job_service_and_external_workers(tmp_path, dataset, portable_services):
+    from vlaprep.pipelines.shards_job import run_shards
+    from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
+
+    inputs = [DatasetInput("bridge_orig", str(dataset), get_spec("bridge_orig"))]
+    run_stats(inputs, str(tmp_path / "stats"), beam_args=IN_PROCESS, log=lambda m: None)
+    build_llama_like_tokenizer(tmp_path / "tok")
+    outputs = {}
+    for name, args in (("local", IN_PROCESS), ("portable", portable_services)):
+        result = run_shards(inputs, str(tmp_path / "stats" / "dataset_statistics.json"), str(tmp_path / "tok"),
+                            str(tmp_path / name), heldout_fraction=0.3, image_size=16, target_shard_mb=0.05,
+                            beam_args=args, log=lambda m: None)
+        outputs[name] = result.manifest
+    assert outputs["local"] == outputs["portable"]
+    assert len(outputs["local"]["files"]) >= 2
+    for entry in outputs["local"]["files"]:
+        assert (tmp_path / "local" / entry["path"]).read_bytes() == (tmp_path / "portable" / entry["path"]).read_bytes()

@@ -44,6 +44,7 @@ def test_run_all_stages_then_reuse(workspace):
     latest = json.loads((workspace / "out" / "LATEST").read_text())
     assert latest["version"] == summary["version"] and latest["history"] == [summary["version"]]
     out = workspace / "out" / "versions" / latest["version"]
+    assert os.path.realpath(workspace / "out" / "current") == os.path.realpath(out)
     for path in ("stats/dataset_statistics.json", "shards/manifest.json", "validation/validation_report.json", "run_summary.json"):
         assert (out / path).exists(), path
     rlds_records = sum(n for _, _, n in rlds_shard_files(str(workspace / "rlds/bridge_orig/1.0.0")))
