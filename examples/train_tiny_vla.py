@@ -72,17 +72,8 @@ def _log(message: str) -> None:
 
 def prompt_tail(tokenizer, instruction: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Same as ``vlaprep.pipelines.validate.prompt_tail`` (imported from there when Beam is installed)."""
-    try:
-        from vlaprep.pipelines.validate import prompt_tail as validate_prompt_tail
-    except ImportError:  # pragma: no cover - the example also runs without the Beam extra
-        from vlaprep.transforms.prompt import prompt_prefix_ids
+    from vlaprep.pipelines.validate import prompt_tail as validate_prompt_tail
 
-        inference = list(tokenizer(openvla_inference_prompt(instruction), add_special_tokens=True).input_ids)
-        training = prompt_prefix_ids(tokenizer, instruction)
-        common = 0
-        while common < min(len(inference), len(training)) and inference[common] == training[common]:
-            common += 1
-        return tuple(inference[common:]), tuple(training[common:])
     return validate_prompt_tail(tokenizer, instruction)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np

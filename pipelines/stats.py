@@ -102,55 +102,42 @@ class ApplyDatasetTransform(beam.PTransform):
         return {"trajectories": results.trajectories, "quarantine": results[QUARANTINE]}
 
 
-class ExactMomentsCombineFn(beam.CombineFn):
-    """[N, D] float32 blocks -> ``MomentsAccumulator``: exact count, sums, min, max and 16-bit-prefix
-    histogram. Exact and associative (integer arithmetic), so any bundling gives the same result."""
+class _FoldingCombineFn(beam.CombineFn):
+    """Accumulators with an exact, associative ``merge`` (mutating the first) and ``compact``; None = empty."""
 
     def create_accumulator(self):
         return None
+
+    def merge_accumulators(self, accumulators):
+        merged = None
+        for acc in accumulators:
+            if acc is None:
+                continue
+            merged = acc if merged is None else merged.merge(acc)
+        return merged
+
+    def compact(self, acc):
+        return acc.compact() if acc is not None else acc
+
+    def extract_output(self, acc):
+        return acc.compact() if acc is not None else None
+
+
+class ExactMomentsCombineFn(_FoldingCombineFn):
+    """[N, D] float32 blocks -> ``MomentsAccumulator``: exact count, sums, min, max and 16-bit-prefix
+    histogram. Exact and associative (integer arithmetic), so any bundling gives the same result."""
 
     def add_input(self, acc, rows):
         if acc is None:
             acc = MomentsAccumulator(rows.shape[1])
         return acc.add(rows)
 
-    def merge_accumulators(self, accumulators):
-        merged = None
-        for acc in accumulators:
-            if acc is None:
-                continue
-            merged = acc if merged is None else merged.merge(acc)
-        return merged
 
-    def compact(self, acc):
-        return acc.compact() if acc is not None else acc
-
-    def extract_output(self, acc):
-        return acc.compact() if acc is not None else None
-
-
-class ExactOrderStatisticsCombineFn(beam.CombineFn):
+class ExactOrderStatisticsCombineFn(_FoldingCombineFn):
     """``SelectionAccumulator``s (pass 2 partial counts) -> one merged ``SelectionAccumulator``."""
-
-    def create_accumulator(self):
-        return None
 
     def add_input(self, acc, partial):
         return partial if acc is None else acc.merge(partial)
-
-    def merge_accumulators(self, accumulators):
-        merged = None
-        for acc in accumulators:
-            if acc is None:
-                continue
-            merged = acc if merged is None else merged.merge(acc)
-        return merged
-
-    def compact(self, acc):
-        return acc.compact() if acc is not None else acc
-
-    def extract_output(self, acc):
-        return acc.compact() if acc is not None else None
 
 
 def trajectory_matrices(record: TrajectoryRecord, with_proprio: bool):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vlaprep.pipelines.sources import RLDSParser, decode_rlds_example, read_rlds_shard, ReadRLDS
+from vlaprep.pipelines.sources import ReadRLDS, read_rlds_shard
 from vlaprep.pipelines.stats_job import DatasetInput, run_stats
 from vlaprep.schemas.episode import Episode
 from vlaprep.transforms.registry import get_spec, load_registry_yaml

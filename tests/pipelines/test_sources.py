@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from vlaprep.pipelines import safe_pickle
@@ -20,7 +19,6 @@ from vlaprep.pipelines.sources import (
     ReadRLDS,
     SourceError,
     list_calvin_windows,
-    load_calvin_window,
     read_rlds_shard,
     resolve_rlds_version_dir,
 )
