@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/stats_benchmark.py
+	$(BIN)/python benchmarks/shards_benchmark.py
 
 clean:
 	rm -rf $(DEMO_OUT) build *.egg-info
