@@ -267,12 +267,17 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
     summary_doc["stages"]["stats"] = {"computed": stats.computed, "reused": stats.reused, "quarantined": len(stats.quarantine)}
 
     statistics_file = os.path.join(stats_dir, "dataset_statistics.json")
-    if previous and not force and previous_fps.get("shards") == fps["shards"] and os.path.exists(os.path.join(previous, "shards", "manifest.json")):
-        log(f"[run] 2/3 shards: inputs unchanged (fingerprint {fps['shards'][:12]}), carried over from {latest['version']}")
+    def carry_over(stage: str, directory: str, marker: str) -> bool:
+        """Reuse a whole stage of the previous version when its input fingerprint is unchanged."""
+        if not previous or force or previous_fps.get(stage) != fps[stage] or not os.path.exists(os.path.join(previous, directory, marker)):
+            return False
+        log(f"[run] {stage}: inputs unchanged (fingerprint {fps[stage][:12]}), carried over from {latest['version']}")
         if os.path.abspath(previous) != os.path.abspath(vdir):
-            _link_tree(os.path.join(previous, "shards"), shards_dir)
-        summary_doc["stages"]["shards"] = {"reused": True}
-    else:
+            _link_tree(os.path.join(previous, directory), os.path.join(vdir, directory))
+        summary_doc["stages"][stage] = {"reused": True}
+        return True
+
+    if not carry_over("shards", "shards", "manifest.json"):
         log("[run] 2/3 shards (tokenize, resize images, write Parquet)")
         result = run_shards(inputs, statistics_file, config.tokenizer, shards_dir, beam_args=args, log=log, **config.shards)
         log(summary(result))
@@ -285,13 +290,7 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
         from vlaprep.pipelines.validate_job import run_validate, summary_text
 
         report_path = os.path.join(val_dir, "validation_report.json")
-        prev_report = os.path.join(previous, "validation", "validation_report.json") if previous else ""
-        if previous and not force and previous_fps.get("validate") == fps["validate"] and os.path.exists(prev_report):
-            log(f"[run] 3/3 validation: inputs unchanged, carried over from {latest['version']}")
-            if os.path.abspath(previous) != os.path.abspath(vdir):
-                _link_tree(os.path.join(previous, "validation"), val_dir)
-            summary_doc["stages"]["validate"] = {"reused": True}
-        else:
+        if not carry_over("validate", "validation", "validation_report.json"):
             log("[run] 3/3 validation (model inference over held-out episodes)")
             v = config.validate
             run_validate(

@@ -54,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlaprep.paths import fsync_dir
 from vlaprep.pipelines.stats import transform_episode
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema, validate_table_schema
@@ -733,19 +734,6 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def check_episode_batch(batch: pa.RecordBatch, key: EpisodeKey) -> None:
     """The reader-side invariant: one episode, rows in step order 0..T-1, num_steps == T."""
     t = batch.num_rows
@@ -800,7 +788,7 @@ def write_shard_file(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return {
         "path": relpath,
         "split": split,

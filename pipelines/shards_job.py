@@ -34,7 +34,7 @@ import apache_beam as beam
 import numpy as np
 
 import vlaprep
-from vlaprep.paths import confined
+from vlaprep.paths import confined, fsync_dir, write_bytes_atomic
 from vlaprep.pipelines import sources
 from vlaprep.pipelines.shards import (
     HELDOUT,
@@ -50,7 +50,6 @@ from vlaprep.pipelines.shards import (
     ShardsArgumentError,
     TokenizerFiles,
     WriteShards,
-    _fsync_dir,
     file_sha256,
     parse_cameras,
     probe_tokenization,
@@ -392,39 +391,19 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """temp file in the same directory + fsync + rename + fsync of the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; published files get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 def publish(staging: str, output_dir: str, manifest_data: bytes) -> None:
     """Swap the staged output into ``output_dir``; the manifest goes last (see the module docstring)."""
     manifest = os.path.join(output_dir, MANIFEST_FILE)
     if os.path.exists(manifest):
         os.unlink(manifest)  # from here on OUT is "incomplete" until the new manifest lands
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
     old = tempfile.mkdtemp(prefix=_OLD_PREFIX, dir=output_dir)
     for name in _OUTPUT_ENTRIES:
         target = os.path.join(output_dir, name)
         if os.path.lexists(target):
             os.rename(target, os.path.join(old, name))
         os.rename(os.path.join(staging, name), target)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     write_bytes_atomic(manifest, manifest_data)
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint
 from vlaprep.pipelines.sources import SourceUnit
 from vlaprep.pipelines.stats import TrajectoryRecord
@@ -76,11 +76,7 @@ def write_projection(path: str, records: list, quarantine: list, episodes_read: 
         lengths=np.array([r.trajectory.num_steps for r in records], np.int64),
         meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8),
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_projection(path: str, dataset: str, prefix: str):

@@ -22,6 +22,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint, sources, stats_cache
 from vlaprep.pipelines.histogram_png import render_histograms
 from vlaprep.pipelines.stats import HISTOGRAM_KEY, ApplyDatasetTransform, ComputeDatasetStatistics
@@ -85,17 +86,7 @@ def dataset_fingerprint(item: DatasetInput, with_proprio: bool) -> str:
 
 
 def write_json_atomic(path: str, document, indent: int | None = 2) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=indent)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, json.dumps(document, indent=indent).encode())
 
 
 def _read_json_lines(pattern_dir: str) -> list:
@@ -295,11 +286,7 @@ def run_stats(
 
 
 def _write_jsonl_atomic(path: str, records: list) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
 
 def summary_table(result: StatsResult, cache: dict | None = None) -> str:
