@@ -4,6 +4,9 @@ A file's digest is the BLAKE2b of its bytes. Hashing terabytes on every run woul
 work it saves, so digests are memoized (like git's index) under ``$VLAPREP_CACHE_DIR`` (default
 ``~/.cache/vlaprep``) keyed by (absolute path, size, mtime_ns, inode): a file whose stat changed is
 hashed again; an unchanged one is not re-read.
+
+Files in an object store (``gs://...``) are not read at all: the store's own content checksum
+(GCS: CRC32C/MD5 of the object, via Beam's ``FileSystems.checksum``) stands in for the digest.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import vlaprep
+from vlaprep import paths as vpaths
 
 _CHUNK = 8 << 20
 
@@ -30,7 +34,11 @@ def _stat_key(path: str) -> str:
 
 
 def file_digest(path: str) -> str:
-    """BLAKE2b-256 hex of the file's bytes (memoized on its stat)."""
+    """BLAKE2b-256 hex of the file's bytes (memoized on its stat); ``store:<checksum>`` for remote objects."""
+    if vpaths.is_remote(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        return "store:" + str(FileSystems.checksum(path))
     key = _stat_key(path)
     memo = os.path.join(_cache_dir(), "file_digests", key[:2], key)
     try:
@@ -60,7 +68,7 @@ def files_fingerprint(paths: Iterable[str], root: str) -> list[dict]:
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         digests = list(pool.map(file_digest, paths))
     return [
-        {"name": os.path.relpath(p, root), "size": os.path.getsize(p), "blake2b": d} for p, d in zip(paths, digests)
+        {"name": vpaths.relpath(p, root), "size": vpaths.getsize(p), "blake2b": d} for p, d in zip(paths, digests)
     ]
 
 

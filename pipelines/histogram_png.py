@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from PIL import Image, ImageDraw
 
 _PANEL_W, _PANEL_H, _MARGIN = 320, 150, 24
@@ -34,4 +36,8 @@ def render_histograms(dataset: str, histogram: dict, action: dict, path: str) ->
         draw.rectangle([x0, y0, x0 + w, y0 + h], outline="gray")
         mask = "normalized" if action["mask"][d] else "raw"
         draw.text((x0, y0 + h + 3), f"dim {d} [{lo:.3g}, {hi:.3g}] {mask}", fill="black")
-    image.save(path, format="PNG")
+    from vlaprep.paths import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())

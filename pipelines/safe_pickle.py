@@ -69,7 +69,9 @@ def load_pickled_npy(path: str) -> Any:
 
     Returns the unpickled object, unwrapped from a 0-d object array (what ``.item()`` would give).
     """
-    with open(path, "rb") as f:
+    from vlaprep import paths
+
+    with io.BytesIO(paths.read_bytes(path)) as f:
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):

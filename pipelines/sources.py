@@ -11,6 +11,7 @@ Every input episode ends up in exactly one of the two. Element logic lives in pl
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from typing import Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Iterator, Sequence
 import apache_beam as beam
 import numpy as np
 
+from vlaprep import paths
 from vlaprep.pipelines import safe_pickle
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.transforms.registry import DatasetSpec
@@ -40,20 +42,22 @@ _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 def resolve_rlds_version_dir(path: str) -> str:
     """Accept a TFDS version dir (``.../name/1.0.0``), a dataset dir (``.../name``) or a data_dir
     holding exactly one ``name/version``; return the version dir (the newest version if several)."""
-    if not os.path.isdir(path):
+    path = path.rstrip("/") if paths.is_remote(path) else path
+    if not paths.isdir(path):
         raise SourceError(f"expected an RLDS dataset directory, got {path!r}, which does not exist")
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    if paths.isfile(paths.join(path, "dataset_info.json")):
         return path
+    entries = paths.listdir(path)
     versions = sorted(
-        (d for d in os.listdir(path) if _VERSION_RE.match(d) and os.path.isfile(os.path.join(path, d, "dataset_info.json"))),
+        (d for d in entries if _VERSION_RE.match(d) and paths.isfile(paths.join(path, d, "dataset_info.json"))),
         key=lambda v: tuple(int(p) for p in v.split(".")),
     )
     if versions:
-        return os.path.join(path, versions[-1])
+        return paths.join(path, versions[-1])
     candidates = []
-    for name in sorted(os.listdir(path)):
-        sub = os.path.join(path, name)
-        if os.path.isdir(sub):
+    for name in entries:
+        sub = paths.join(path, name)
+        if paths.isdir(sub):
             try:
                 candidates.append(resolve_rlds_version_dir(sub))
             except SourceError:
@@ -68,11 +72,45 @@ def resolve_rlds_version_dir(path: str) -> str:
     raise SourceError(f"expected one dataset under {path!r}, got {len(candidates)}: {candidates!r}; hint: name the version dir")
 
 
-def rlds_shard_files(version_dir: str) -> list[tuple[str, str, int]]:
-    """[(split, shard file name, number of records)] for every TFRecord shard of the dataset, sorted."""
+# TFDS reads metadata through TensorFlow's filesystems; a dataset in an object store is read through
+# Beam's (the credentials and endpoints the pipeline is configured with). So the few small metadata files
+# of a remote dataset are mirrored to a local directory named by their content, and TFDS opens that.
+_DATA_FILE_MARKERS = (".tfrecord", ".array_record", ".riegeli")
+_METADATA_MAX_BYTES = 64 << 20
+
+
+def tfds_metadata_dir(version_dir: str) -> str:
+    """``version_dir`` itself when local; else a local copy of its metadata files (not its data files)."""
+    if not paths.is_remote(version_dir):
+        return version_dir
+    import hashlib
+    import tempfile
+
+    files = {}
+    for name, size in paths.list_files(version_dir):
+        if "/" in name or any(m in name for m in _DATA_FILE_MARKERS) or size > _METADATA_MAX_BYTES:
+            continue
+        files[name] = paths.read_bytes(paths.join(version_dir, name))
+    if "dataset_info.json" not in files:
+        raise SourceError(f"expected dataset_info.json in {version_dir!r}, got files {sorted(files)!r}")
+    digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:24]
+    parts = version_dir.rstrip("/").split("/")
+    local = os.path.join(tempfile.gettempdir(), "vlaprep-tfds-metadata", digest, parts[-2], parts[-1])
+    if not os.path.isdir(local):
+        for name, data in files.items():
+            paths.write_bytes_atomic(os.path.join(local, name), data)
+    return local
+
+
+def tfds_builder(version_dir: str):
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder_from_directory(version_dir)
+    return tfds.builder_from_directory(tfds_metadata_dir(version_dir))
+
+
+def rlds_shard_files(version_dir: str) -> list[tuple[str, str, int]]:
+    """[(split, shard file name, number of records)] for every TFRecord shard of the dataset, sorted."""
+    builder = tfds_builder(version_dir)
     out = []
     for split_name in sorted(builder.info.splits.keys()):
         split = builder.info.splits[split_name]
@@ -178,26 +216,27 @@ def iter_tfrecord_file(path: str) -> Iterator[bytes]:
     """
     import struct
 
-    with open(path, "rb", buffering=1 << 20) as f:
+    name = paths.basename(path)
+    with paths.open_read(path) as f:
         index, offset = 0, 0
         while True:
             header = f.read(12)
             if not header:
                 return
             if len(header) < 12:
-                raise CorruptRecordError(f"truncated record header at byte {offset} (record {index}) of {os.path.basename(path)}")
+                raise CorruptRecordError(f"truncated record header at byte {offset} (record {index}) of {name}")
             length, length_crc = struct.unpack("<QI", header)
             if _masked_crc32c(header[:8]) != length_crc:
-                raise CorruptRecordError(f"corrupt length checksum at byte {offset} (record {index}) of {os.path.basename(path)}")
+                raise CorruptRecordError(f"corrupt length checksum at byte {offset} (record {index}) of {name}")
             data = f.read(length)  # read apart from its checksum: slicing would copy the record again
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
                 raise CorruptRecordError(
-                    f"truncated record {index} at byte {offset} of {os.path.basename(path)}: expected {length + 4} bytes, "
+                    f"truncated record {index} at byte {offset} of {name}: expected {length + 4} bytes, "
                     f"got {len(data) + len(footer)}"
                 )
             if _masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                raise CorruptRecordError(f"corrupt data checksum in record {index} at byte {offset} of {os.path.basename(path)}")
+                raise CorruptRecordError(f"corrupt data checksum in record {index} at byte {offset} of {name}")
             yield data
             index += 1
             offset += 12 + length + 4
@@ -228,7 +267,7 @@ class RLDSParser:
         from tensorflow_datasets.core import example_parser
         from tensorflow_datasets.core.utils import py_utils
 
-        builder = tfds.builder_from_directory(version_dir)
+        builder = tfds_builder(version_dir)
         flat = py_utils.flatten_nest_dict(builder.info.features.get_serialized_info())
         wanted = {f"steps/{k}" for k in keys}
         missing = sorted(k for k in wanted if k not in flat)
@@ -281,7 +320,7 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
     """
     if parser is None:
         parser = rlds_parser(shard.version_dir, rlds_keys(spec, image_roles), optional=[spec.language_key] if spec.language_key else [])
-    path = os.path.join(shard.version_dir, shard.filename)
+    path = paths.join(shard.version_dir, shard.filename)
     # Every record's CRC32C is checked: that is how flipped bytes and truncation are caught.
     iterator = iter_tfrecord_file(path)
     index = 0
@@ -402,11 +441,12 @@ class CalvinWindow:
 
 def calvin_split_dirs(path: str) -> list[tuple[str, str]]:
     """[(split name, dir)] for a CALVIN root (with training/ validation/) or a single split dir."""
-    if not os.path.isdir(path):
+    path = path.rstrip("/") if paths.is_remote(path) else path
+    if not paths.isdir(path):
         raise SourceError(f"expected a CALVIN directory, got {path!r}, which does not exist")
-    if os.path.isfile(os.path.join(path, "ep_start_end_ids.npy")):
-        return [(os.path.basename(os.path.normpath(path)), path)]
-    found = [(s, os.path.join(path, s)) for s in CALVIN_SPLITS if os.path.isfile(os.path.join(path, s, "ep_start_end_ids.npy"))]
+    if paths.isfile(paths.join(path, "ep_start_end_ids.npy")):
+        return [(paths.basename(os.path.normpath(path) if not paths.is_remote(path) else path), path)]
+    found = [(s, paths.join(path, s)) for s in CALVIN_SPLITS if paths.isfile(paths.join(path, s, "ep_start_end_ids.npy"))]
     if not found:
         raise SourceError(
             f"expected a CALVIN split directory (with ep_start_end_ids.npy) or a root with training/ and "
@@ -417,8 +457,8 @@ def calvin_split_dirs(path: str) -> list[tuple[str, str]]:
 
 def load_language_annotations(split_dir: str) -> list[tuple[int, int, str]]:
     """[(start, end_exclusive, ann)] from ``lang_annotations/auto_lang_ann.npy``, via the restricted unpickler."""
-    path = os.path.join(split_dir, "lang_annotations", "auto_lang_ann.npy")
-    if not os.path.isfile(path):
+    path = paths.join(split_dir, "lang_annotations", "auto_lang_ann.npy")
+    if not paths.isfile(path):
         raise SourceError(f"expected language annotations at {path!r}, got no such file; hint: pass --calvin-unlabeled to read play segments")
     data = safe_pickle.load_pickled_npy(path)
     try:
@@ -439,7 +479,7 @@ def list_calvin_windows(path: str, unlabeled: bool = False) -> list[CalvinWindow
     """Every episode of a CALVIN dataset: language windows (default) or play segments (``unlabeled``)."""
     windows = []
     for split, split_dir in calvin_split_dirs(path):
-        segments = np.load(os.path.join(split_dir, "ep_start_end_ids.npy"), allow_pickle=False)
+        segments = _load_npy(paths.join(split_dir, "ep_start_end_ids.npy"))
         if segments.ndim != 2 or segments.shape[1] != 2:
             raise SourceError(f"expected ep_start_end_ids.npy of shape [N, 2] in {split_dir!r}, got {segments.shape!r}")
         segments = sorted((int(a), int(b)) for a, b in segments)
@@ -455,8 +495,20 @@ def list_calvin_windows(path: str, unlabeled: bool = False) -> list[CalvinWindow
     return windows
 
 
+def _load_npy(path: str) -> np.ndarray:
+    with paths.open_read(path) as f:
+        return np.load(io.BytesIO(f.read()) if paths.is_remote(path) else f, allow_pickle=False)
+
+
+def _open_npz(path: str):
+    """``np.load`` of an ``.npz`` frame; remote files are read whole first (zip needs seeks)."""
+    if paths.is_remote(path):
+        return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+    return np.load(path, allow_pickle=False)
+
+
 def calvin_frame_path(split_dir: str, frame: int) -> str:
-    return os.path.join(split_dir, f"episode_{frame:07d}.npz")
+    return paths.join(split_dir, f"episode_{frame:07d}.npz")
 
 
 def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Sequence[str] = ()) -> Episode:
@@ -485,16 +537,16 @@ def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Seq
     frames: dict[str, list] = {r: [] for r in image_keys}
     for frame in range(window.start, window.end):
         path = calvin_frame_path(window.split_dir, frame)
-        if not os.path.isfile(path):
-            raise ValueError(f"expected frame file {os.path.basename(path)} for window [{window.start}, {window.end}), got no such file")
-        with np.load(path, allow_pickle=False) as npz:
+        if not paths.isfile(path):
+            raise ValueError(f"expected frame file {paths.basename(path)} for window [{window.start}, {window.end}), got no such file")
+        with _open_npz(path) as npz:
             for key in keys:
                 if key not in npz.files:
-                    raise ValueError(f"expected key {key!r} in {os.path.basename(path)}, got {sorted(npz.files)!r}")
+                    raise ValueError(f"expected key {key!r} in {paths.basename(path)}, got {sorted(npz.files)!r}")
                 columns[key].append(npz[key])
             for role, key in image_keys.items():
                 if key not in npz.files:
-                    raise ValueError(f"expected image {key!r} in {os.path.basename(path)}, got {sorted(npz.files)!r}")
+                    raise ValueError(f"expected image {key!r} in {paths.basename(path)}, got {sorted(npz.files)!r}")
                 frames[role].append(npz[key])
     steps = {}
     for key, values in columns.items():
@@ -589,12 +641,16 @@ def source_files(path: str, spec: DatasetSpec) -> list[str]:
     if spec.source_format == "rlds":
         version_dir = resolve_rlds_version_dir(path)
         names = [f for _, f, _ in rlds_shard_files(version_dir)] + ["dataset_info.json", "features.json"]
-        return sorted(os.path.join(version_dir, n) for n in names if os.path.exists(os.path.join(version_dir, n)))
+        present = {name for name, _ in paths.list_files(version_dir)}
+        return sorted(paths.join(version_dir, n) for n in names if n in present)
     files = []
     for _, split_dir in calvin_split_dirs(path):
-        for root, _dirs, names in os.walk(split_dir):
-            files.extend(os.path.join(root, n) for n in names if n.endswith((".npy", ".npz")))
+        files.extend(_calvin_files(split_dir))
     return sorted(files)
+
+
+def _calvin_files(split_dir: str) -> list[str]:
+    return sorted(paths.join(split_dir, n) for n, _ in paths.list_files(split_dir) if n.endswith((".npy", ".npz")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -616,17 +672,14 @@ def source_units(path: str, spec: DatasetSpec) -> list[SourceUnit]:
         version_dir = resolve_rlds_version_dir(path)
         # features.json decides how every shard parses; dataset_info.json only lists shards (it changes
         # when shards are added, which must not invalidate the existing ones).
-        shared = tuple(os.path.join(version_dir, n) for n in ("features.json",) if os.path.exists(os.path.join(version_dir, n)))
+        shared = tuple(paths.join(version_dir, n) for n in ("features.json",) if paths.isfile(paths.join(version_dir, n)))
         return [
-            SourceUnit(f, version_dir, (os.path.join(version_dir, f),), shared, f"{split}/{f}/")
+            SourceUnit(f, version_dir, (paths.join(version_dir, f),), shared, f"{split}/{f}/")
             for split, f, _ in rlds_shard_files(version_dir)
         ]
     units = []
     for split, split_dir in calvin_split_dirs(path):
-        files = sorted(
-            os.path.join(root, n) for root, _dirs, names in os.walk(split_dir) for n in names if n.endswith((".npy", ".npz"))
-        )
-        units.append(SourceUnit(split, split_dir, tuple(files), (), f"{split}/"))
+        units.append(SourceUnit(split, split_dir, tuple(_calvin_files(split_dir)), (), f"{split}/"))
     return units
 
 

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from vlaprep import paths
 from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint
 from vlaprep.pipelines.sources import SourceUnit
@@ -33,14 +34,14 @@ CACHE_DIR = "stats_cache"
 
 def unit_key(unit: SourceUnit, spec: DatasetSpec, with_proprio: bool) -> str:
     files = [{"blake2b": fingerprint.file_digest(f)} for f in unit.files]
-    shared = [{"name": os.path.basename(f), "blake2b": fingerprint.file_digest(f)} for f in unit.shared]
+    shared = [{"name": paths.basename(f), "blake2b": fingerprint.file_digest(f)} for f in unit.shared]
     # By content, not by name: TFDS renames every shard (`-of-000N`) when shards are added.
     files = [f["blake2b"] for f in files]
     return fingerprint.combine("stats-unit", fingerprint.version_fingerprint(), spec.fingerprint(), with_proprio, files, shared)
 
 
 def projection_path(output_dir: str, dataset: str, key: str) -> str:
-    return os.path.join(output_dir, CACHE_DIR, dataset, f"{key}.npz")
+    return paths.join(output_dir, CACHE_DIR, dataset, f"{key}.npz")
 
 
 def write_projection(path: str, records: list, quarantine: list, episodes_read: int, prefix: str) -> None:
@@ -81,7 +82,7 @@ def write_projection(path: str, records: list, quarantine: list, episodes_read: 
 
 def load_projection(path: str, dataset: str, prefix: str):
     """-> (list[TrajectoryRecord], list[QuarantineRecord], episodes_read), ids under the unit's current ``prefix``."""
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
         action, proprio, lengths = z["action"], z["proprio"], z["lengths"]
         meta = json.loads(z["meta"].tobytes().decode())
     records, start = [], 0

@@ -13,15 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from vlaprep import paths
 from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint, sources, stats_cache
 from vlaprep.pipelines.histogram_png import render_histograms
@@ -75,7 +74,7 @@ def beam_options(beam_args: Sequence[str], input_bytes: int | None = None) -> Pi
 
 def dataset_fingerprint(item: DatasetInput, with_proprio: bool) -> str:
     files = sources.source_files(item.path, item.spec)
-    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else item.path
+    root = paths.commonpath(files) if len(files) > 1 else paths.dirname(files[0]) if files else item.path
     return fingerprint.combine(
         "stats",
         fingerprint.version_fingerprint(),
@@ -91,9 +90,8 @@ def write_json_atomic(path: str, document, indent: int | None = 2) -> None:
 
 def _read_json_lines(pattern_dir: str) -> list:
     out = []
-    for name in sorted(os.listdir(pattern_dir)):
-        with open(os.path.join(pattern_dir, name)) as f:
-            out.extend(json.loads(line) for line in f if line.strip())
+    for name in paths.listdir(pattern_dir):
+        out.extend(json.loads(line) for line in paths.read_text(paths.join(pattern_dir, name)).splitlines() if line.strip())
     return out
 
 
@@ -127,9 +125,12 @@ def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: s
     new, cached = [], []
     for item in inputs:
         todo = []
+        # One listing per dataset, not one existence check per unit (each is a request on object stores).
+        projection_dir = paths.dirname(stats_cache.projection_path(output_dir, item.name, "x"))
+        present = set() if force else {paths.join(projection_dir, n) for n, _ in paths.list_files(projection_dir)}
         for unit in sources.source_units(item.path, item.spec):
             path = stats_cache.projection_path(output_dir, item.name, stats_cache.unit_key(unit, item.spec, with_proprio))
-            if os.path.exists(path) and not force:
+            if path in present:
                 cached.append((item.name, path, unit.prefix))
             else:
                 todo.append((unit, path))
@@ -184,20 +185,20 @@ def build_stats_pipeline(
     _ = (
         entries
         | "EntryJson" >> beam.MapTuple(lambda name, entry: json.dumps([name, entry]))
-        | "WriteEntries" >> beam.io.WriteToText(os.path.join(work_dir, "entries", "part"), num_shards=1)
+        | "WriteEntries" >> beam.io.WriteToText(paths.join(work_dir, "entries", "part"), num_shards=1)
     )
     _ = (
         (new_quarantine, loaded.quarantine)
         | "AllQuarantine" >> beam.Flatten()
         | "QuarantineJson" >> beam.Map(lambda r: json.dumps(r.to_json_dict(), sort_keys=True))
-        | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(work_dir, "quarantine", "part"), num_shards=1)
+        | "WriteQuarantine" >> beam.io.WriteToText(paths.join(work_dir, "quarantine", "part"), num_shards=1)
     )
     _ = (
         (all_episodes | "DatasetOfEpisode" >> beam.Map(lambda e: (e.dataset_name, 1)), loaded.read)
         | "AllReadCounts" >> beam.Flatten()
         | "CountRead" >> beam.CombinePerKey(sum)
         | "CountJson" >> beam.MapTuple(lambda name, n: json.dumps([name, n]))
-        | "WriteCounts" >> beam.io.WriteToText(os.path.join(work_dir, "counts", "part"), num_shards=1)
+        | "WriteCounts" >> beam.io.WriteToText(paths.join(work_dir, "counts", "part"), num_shards=1)
     )
     return {"units_read": len(targets), "units_reused": len(cached)}
 
@@ -222,12 +223,11 @@ def run_stats(
     log=print,
 ) -> StatsResult:
     started = time.time()
-    os.makedirs(output_dir, exist_ok=True)
-    cache_path = os.path.join(output_dir, CACHE_FILE)
+    paths.makedirs(output_dir)
+    cache_path = paths.join(output_dir, CACHE_FILE)
     cache = {}
-    if os.path.exists(cache_path) and not force:
-        with open(cache_path) as f:
-            cache = json.load(f)
+    if not force and paths.isfile(cache_path):
+        cache = json.loads(paths.read_text(cache_path))
     fingerprints = {item.name: dataset_fingerprint(item, with_proprio) for item in inputs}
     todo = [item for item in inputs if force or cache.get(item.name, {}).get("fingerprint") != fingerprints[item.name]]
     reused = [item.name for item in inputs if item not in todo]
@@ -236,30 +236,30 @@ def run_stats(
     new_entries, quarantine, read_counts, units = {}, [], {}, {}
     if todo:
         log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
-        work_dir = tempfile.mkdtemp(prefix=".stats-work-", dir=output_dir)
+        work_dir = paths.make_temp_dir(output_dir, ".stats-work-")
         try:
-            input_bytes = sum(os.path.getsize(f) for item in todo for f in sources.source_files(item.path, item.spec))
+            input_bytes = sum(paths.getsize(f) for item in todo for f in sources.source_files(item.path, item.spec))
             with beam.Pipeline(options=beam_options(beam_args, input_bytes)) as pipeline:
                 units.update(build_stats_pipeline(pipeline, todo, with_proprio, work_dir, output_dir, force))
             log(f"[stats] read {units['units_read']} source units, reused {units['units_reused']} cached unit projections")
-            new_entries = dict(_read_json_lines(os.path.join(work_dir, "entries")))
-            quarantine = _read_json_lines(os.path.join(work_dir, "quarantine"))
-            read_counts = dict(_read_json_lines(os.path.join(work_dir, "counts")))
+            new_entries = dict(_read_json_lines(paths.join(work_dir, "entries")))
+            quarantine = _read_json_lines(paths.join(work_dir, "quarantine"))
+            read_counts = dict(_read_json_lines(paths.join(work_dir, "counts")))
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            paths.remove_tree(work_dir)
         quarantine.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
     for name, entry in new_entries.items():
         histogram = entry.pop(HISTOGRAM_KEY, None)
         if histogram is not None:
-            render_histograms(name, histogram, entry["action"], os.path.join(output_dir, f"{name}_histograms.png"))
+            render_histograms(name, histogram, entry["action"], paths.join(output_dir, f"{name}_histograms.png"))
     missing = [item.name for item in todo if item.name not in new_entries]
     if missing:
         # Keep the reasons on disk before failing: they are what the user needs to fix the input.
-        _write_jsonl_atomic(os.path.join(output_dir, QUARANTINE_FILE), quarantine)
+        _write_jsonl_atomic(paths.join(output_dir, QUARANTINE_FILE), quarantine)
         counts = {n: sum(1 for r in quarantine if r["dataset_name"] == n) for n in missing}
         raise NoValidEpisodesError(
             f"expected statistics for every dataset, got none for {missing!r}: no valid episode "
-            f"({counts} quarantined); see {os.path.join(output_dir, QUARANTINE_FILE)} for the reasons"
+            f"({counts} quarantined); see {paths.join(output_dir, QUARANTINE_FILE)} for the reasons"
         )
     statistics = {}
     new_cache = {}
@@ -278,10 +278,10 @@ def run_stats(
         statistics[item.name] = entry
     validate_json(statistics, "dataset_statistics")
     # Statistics first, then the cache that vouches for them: a crash between the two only costs a recompute.
-    write_json_atomic(os.path.join(output_dir, STATS_FILE), statistics)
+    write_json_atomic(paths.join(output_dir, STATS_FILE), statistics)
     write_json_atomic(cache_path, new_cache, indent=1)
     if todo:
-        _write_jsonl_atomic(os.path.join(output_dir, QUARANTINE_FILE), quarantine)
+        _write_jsonl_atomic(paths.join(output_dir, QUARANTINE_FILE), quarantine)
     return StatsResult(statistics, quarantine, reused, [i.name for i in todo], read_counts, time.time() - started, units)
 
 
