@@ -37,12 +37,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Sequence
 
 import yaml
 
+from vlaprep import paths
 from vlaprep.paths import confined
 from vlaprep.pipelines import fingerprint
 from vlaprep.pipelines.stats_job import CACHE_FILE, DatasetInput, dataset_fingerprint, run_stats, summary_table, write_json_atomic
@@ -140,15 +140,14 @@ def _dataset_inputs(config: RunConfig) -> list[DatasetInput]:
             spec = get_spec(entry["name"], registry)
         except KeyError as e:
             raise RunConfigError(str(e.args[0])) from None
-        if not os.path.exists(entry["path"]):
+        if not paths.exists(entry["path"]) and not paths.isdir(entry["path"]):
             raise RunConfigError(f"expected an existing path for dataset {entry['name']!r}, got {entry['path']!r}")
         inputs.append(DatasetInput(entry["name"], entry["path"], spec))
     return inputs
 
 
 def _dir_fingerprint(path: str) -> list:
-    files = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
-    return fingerprint.files_fingerprint(files, path)
+    return fingerprint.files_fingerprint([paths.join(path, n) for n, _ in paths.list_files(path)], path)
 
 
 def stage_fingerprints(config: RunConfig, inputs: Sequence[DatasetInput]) -> dict:
@@ -164,24 +163,30 @@ def stage_fingerprints(config: RunConfig, inputs: Sequence[DatasetInput]) -> dic
 
 
 def _read_json(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    if paths.isfile(path):
+        return json.loads(paths.read_text(path))
     return {}
 
 
 def read_latest(output: str) -> dict:
     """The published pointer ``{"version", "fingerprints", "history"}``, or {} before the first publish."""
-    return _read_json(os.path.join(output, LATEST_FILE))
+    return _read_json(paths.join(output, LATEST_FILE))
 
 
 def latest_version_dir(output: str) -> str | None:
     latest = read_latest(output)
-    return confined(os.path.join(output, VERSIONS_DIR), latest["version"], LATEST_FILE) if latest else None
+    return confined(paths.join(output, VERSIONS_DIR), latest["version"], LATEST_FILE) if latest else None
 
 
 def _link_tree(src: str, dst: str) -> None:
-    """Carry an unchanged stage over into the new version: hard links (published files are immutable)."""
+    """Carry an unchanged stage over into the new version: hard links (published files are immutable);
+    in an object store, server-side copies."""
+    if paths.is_remote(dst):
+        paths.remove_tree(dst)
+        paths.copy_tree(src, dst)
+        return
+    import shutil
+
     tmp = f"{dst}.carry-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for root, _dirs, names in os.walk(src):
@@ -199,6 +204,8 @@ def _link_tree(src: str, dst: str) -> None:
 
 def _point_current(output: str, version: str) -> None:
     """``OUT/current`` -> ``versions/<version>`` for people and tools that prefer a path; replaced atomically."""
+    if paths.is_remote(output):
+        return  # object stores have no symlinks; LATEST is the pointer
     link = os.path.join(output, CURRENT_LINK)
     tmp = f"{link}.tmp-{os.getpid()}"
     try:
@@ -211,11 +218,11 @@ def _point_current(output: str, version: str) -> None:
 
 
 def _apply_retention(output: str, keep: list[str]) -> list[str]:
-    versions_root = os.path.join(output, VERSIONS_DIR)
+    versions_root = paths.join(output, VERSIONS_DIR)
     removed = []
-    for name in sorted(os.listdir(versions_root)):
+    for name in paths.listdir(versions_root):
         if name not in keep:
-            shutil.rmtree(os.path.join(versions_root, name), ignore_errors=True)
+            paths.remove_tree(paths.join(versions_root, name))
             removed.append(name)
     return removed
 
@@ -235,22 +242,22 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
     started = time.time()
     args = list(config.beam_args) + list(beam_args)
     inputs = _dataset_inputs(config)
-    os.makedirs(os.path.join(config.output, VERSIONS_DIR), exist_ok=True)
+    paths.makedirs(paths.join(config.output, VERSIONS_DIR))
     fps = stage_fingerprints(config, inputs)
     version = "v-" + fingerprint.combine(fps)[:16]
     latest = read_latest(config.output)
     previous = latest_version_dir(config.output)
     previous_fps = latest.get("fingerprints", {}) if latest else {}
-    vdir = os.path.join(config.output, VERSIONS_DIR, version)
+    vdir = paths.join(config.output, VERSIONS_DIR, version)
     if latest.get("version") == version:
         if not force:
             log(f"[run] {version} is published and its inputs are unchanged: nothing to do")
-            return _read_json(os.path.join(vdir, SUMMARY_FILE))
+            return _read_json(paths.join(vdir, SUMMARY_FILE))
         # A published version is immutable: a forced rebuild of the same inputs gets its own directory.
         version = f"{version}-r{int(time.time())}"
-        vdir = os.path.join(config.output, VERSIONS_DIR, version)
-    os.makedirs(vdir, exist_ok=True)
-    stats_dir, shards_dir, val_dir = (os.path.join(vdir, d) for d in ("stats", "shards", "validation"))
+        vdir = paths.join(config.output, VERSIONS_DIR, version)
+    paths.makedirs(vdir)
+    stats_dir, shards_dir, val_dir = (paths.join(vdir, d) for d in ("stats", "shards", "validation"))
     summary_doc: dict[str, Any] = {
         "version": version,
         "datasets": {d["name"]: {"path": d["path"], "weight": d["weight"]} for d in config.datasets},
@@ -259,21 +266,21 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
 
     log(f"[run] building {version} in {vdir}")
     log(f"[run] 1/3 statistics for {', '.join(i.name for i in inputs)}")
-    if previous and not force and os.path.exists(os.path.join(previous, "stats", CACHE_FILE)) and not os.path.exists(os.path.join(stats_dir, CACHE_FILE)):
-        os.makedirs(stats_dir, exist_ok=True)  # per-dataset reuse: unchanged datasets are not re-read
-        shutil.copy2(os.path.join(previous, "stats", CACHE_FILE), os.path.join(stats_dir, CACHE_FILE))
+    if previous and not force and paths.isfile(paths.join(previous, "stats", CACHE_FILE)) and not paths.isfile(paths.join(stats_dir, CACHE_FILE)):
+        paths.makedirs(stats_dir)  # per-dataset reuse: unchanged datasets are not re-read
+        paths.copy_file(paths.join(previous, "stats", CACHE_FILE), paths.join(stats_dir, CACHE_FILE))
     stats = run_stats(inputs, stats_dir, with_proprio=bool(config.stats.get("proprio", False)), force=force, beam_args=args, log=log)
     log(summary_table(stats))
     summary_doc["stages"]["stats"] = {"computed": stats.computed, "reused": stats.reused, "quarantined": len(stats.quarantine)}
 
-    statistics_file = os.path.join(stats_dir, "dataset_statistics.json")
+    statistics_file = paths.join(stats_dir, "dataset_statistics.json")
     def carry_over(stage: str, directory: str, marker: str) -> bool:
         """Reuse a whole stage of the previous version when its input fingerprint is unchanged."""
-        if not previous or force or previous_fps.get(stage) != fps[stage] or not os.path.exists(os.path.join(previous, directory, marker)):
+        if not previous or force or previous_fps.get(stage) != fps[stage] or not paths.isfile(paths.join(previous, directory, marker)):
             return False
         log(f"[run] {stage}: inputs unchanged (fingerprint {fps[stage][:12]}), carried over from {latest['version']}")
-        if os.path.abspath(previous) != os.path.abspath(vdir):
-            _link_tree(os.path.join(previous, directory), os.path.join(vdir, directory))
+        if previous.rstrip("/") != vdir.rstrip("/"):
+            _link_tree(paths.join(previous, directory), paths.join(vdir, directory))
         summary_doc["stages"][stage] = {"reused": True}
         return True
 
@@ -282,14 +289,14 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
         result = run_shards(inputs, statistics_file, config.tokenizer, shards_dir, beam_args=args, log=log, **config.shards)
         log(summary(result))
         summary_doc["stages"]["shards"] = {"reused": False, "seconds": round(result.seconds, 2)}
-    manifest = _read_json(os.path.join(shards_dir, "manifest.json"))
+    manifest = _read_json(paths.join(shards_dir, "manifest.json"))
     summary_doc["accounting"] = manifest["accounting"]
     summary_doc["splits"] = manifest["splits"]
 
     if config.model:
         from vlaprep.pipelines.validate_job import run_validate, summary_text
 
-        report_path = os.path.join(val_dir, "validation_report.json")
+        report_path = paths.join(val_dir, "validation_report.json")
         if not carry_over("validate", "validation", "validation_report.json"):
             log("[run] 3/3 validation (model inference over held-out episodes)")
             v = config.validate
@@ -302,22 +309,22 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
         report = _read_json(report_path)
         log(summary_text(report))
         summary_doc["validation"] = {
-            "report": os.path.relpath(report_path, vdir),
+            "report": paths.relpath(report_path, vdir),
             "exact_accuracy": report.get("model", {}).get("overall", {}).get("exact_accuracy"),
         }
     else:
         log("[run] 3/3 validation skipped: no `model` in the config")
     summary_doc["seconds"] = round(time.time() - started, 2)
-    write_json_atomic(os.path.join(vdir, SUMMARY_FILE), summary_doc)
+    write_json_atomic(paths.join(vdir, SUMMARY_FILE), summary_doc)
     # Publish: the pointer is replaced last, atomically.
     history = [version] + [v for v in latest.get("history", []) if v != version]
     keep = history[: max(1, config.keep_versions)]
-    write_json_atomic(os.path.join(config.output, LATEST_FILE), {"version": version, "fingerprints": fps, "history": keep})
+    write_json_atomic(paths.join(config.output, LATEST_FILE), {"version": version, "fingerprints": fps, "history": keep})
     _point_current(config.output, version)
     removed = _apply_retention(config.output, keep)
     if removed:
         log(f"[run] retention: removed {', '.join(removed)} (keeping {len(keep)} versions)")
-    log(f"[run] published {version}: {os.path.join(config.output, LATEST_FILE)} -> {vdir}")
+    log(f"[run] published {version}: {paths.join(config.output, LATEST_FILE)} -> {vdir}")
     return summary_doc
 
 
@@ -333,8 +340,8 @@ def status(config_or_output: str) -> str:
     if not latest:
         return f"{output}: nothing published yet (no {LATEST_FILE})"
     vdir = latest_version_dir(output)
-    summary_doc = _read_json(os.path.join(vdir, SUMMARY_FILE))
-    published = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(os.path.join(output, LATEST_FILE))))
+    summary_doc = _read_json(paths.join(vdir, SUMMARY_FILE))
+    published = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(paths.getmtime(paths.join(output, LATEST_FILE))))
     lines = [f"{output}: published {latest['version']} at {published} (kept: {', '.join(latest.get('history', []))})"]
     for name, d in summary_doc.get("datasets", {}).items():
         lines.append(f"  input {name}: {d['path']} (weight {d['weight']})")

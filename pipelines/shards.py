@@ -54,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlaprep.paths import fsync_dir
+from vlaprep import paths
 from vlaprep.pipelines.stats import transform_episode
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema, validate_table_schema
@@ -254,23 +254,16 @@ class TokenizerFiles:
 
     @classmethod
     def from_dir(cls, path: str) -> TokenizerFiles:
-        if not path or not os.path.isdir(path):
+        if not path or not paths.isdir(path):
             raise ShardsArgumentError(f"expected --tokenizer to be a tokenizer directory, got {path!r}, which does not exist")
-        names = sorted(
-            n
-            for n in os.listdir(path)
-            if os.path.isfile(os.path.join(path, n)) and (n in TOKENIZER_FILE_NAMES or n.endswith(".tiktoken"))
-        )
+        present = [n for n, _ in paths.list_files(path) if "/" not in n and os.sep not in n]
+        names = sorted(n for n in present if n in TOKENIZER_FILE_NAMES or n.endswith(".tiktoken"))
         if not any(n in _VOCAB_FILES or n.endswith(".tiktoken") for n in names):
             raise ShardsArgumentError(
                 f"expected a tokenizer directory with one of {list(_VOCAB_FILES)!r}, got files "
-                f"{sorted(os.listdir(path))!r} in {path!r}; hint: pass the directory saved by save_pretrained"
+                f"{present!r} in {path!r}; hint: pass the directory saved by save_pretrained"
             )
-        files = []
-        for name in names:
-            with open(os.path.join(path, name), "rb") as f:
-                files.append((name, f.read()))
-        return cls(tuple(files))
+        return cls(tuple((name, paths.read_bytes(paths.join(path, name))) for name in names))
 
     def fingerprint(self) -> dict:
         """``{"sha256": combined, "files": [{"name", "bytes", "sha256"}]}`` (combined = sha256 of the
@@ -517,6 +510,13 @@ def spill_episode(spill_dir: str, key: EpisodeKey, batch: pa.RecordBatch) -> Epi
     """Write the episode's rows as an Arrow IPC file (temp + rename: a retried bundle rewrites the
     same bytes) and return its reference."""
     name = spill_name(key)
+    if paths.is_remote(spill_dir):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        data = sink.getvalue()
+        paths.write_bytes_atomic(paths.join(spill_dir, name), data)
+        return EpisodeRef(name, data.size, batch.num_rows)
     path = os.path.join(spill_dir, name)
     tmp = os.path.join(spill_dir, f".tmp-{uuid.uuid4().hex}-{name}")
     try:
@@ -532,7 +532,10 @@ def spill_episode(spill_dir: str, key: EpisodeKey, batch: pa.RecordBatch) -> Epi
 
 def load_spilled(spill_dir: str, ref: EpisodeRef) -> pa.RecordBatch:
     """The episode's record batch, memory-mapped (no copy until Parquet encodes it)."""
-    reader = pa.ipc.open_file(pa.memory_map(os.path.join(spill_dir, ref.name)))
+    if paths.is_remote(spill_dir):
+        reader = pa.ipc.open_file(pa.BufferReader(paths.read_bytes(paths.join(spill_dir, ref.name))))
+    else:
+        reader = pa.ipc.open_file(pa.memory_map(os.path.join(spill_dir, ref.name)))
     if reader.num_record_batches != 1:
         raise ValueError(f"expected one record batch in spilled episode {ref.name}, got {reader.num_record_batches}")
     batch = reader.get_batch(0)
@@ -728,7 +731,7 @@ def shard_relpath(split: str, index: int, count: int) -> str:
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open_read(path) as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -768,27 +771,22 @@ def write_shard_file(
     row_bytes = max(1, table.nbytes // max(1, rows))
     row_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
     binary = [f.name for f in schema if f.type == pa.binary()]
-    path = os.path.join(root, relpath)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        pq.write_table(
-            table,
-            tmp,
-            row_group_size=row_group,
-            compression=PARQUET_COMPRESSION,
-            compression_level=PARQUET_COMPRESSION_LEVEL,
-            use_dictionary=[f.name for f in schema if f.type == pa.string()],
-            write_statistics=[f.name for f in schema if f.name not in binary],
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(path))
+    path = paths.join(root, relpath)
+    # Encoded in memory (a shard is at most --target-shard-mb, already held as the table), then
+    # published in one atomic write: the same code for local disks and object stores, and the digest
+    # comes from the buffer instead of a second read.
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=row_group,
+        compression=PARQUET_COMPRESSION,
+        compression_level=PARQUET_COMPRESSION_LEVEL,
+        use_dictionary=[f.name for f in schema if f.type == pa.string()],
+        write_statistics=[f.name for f in schema if f.name not in binary],
+    )
+    data = sink.getvalue()
+    paths.write_bytes_atomic(path, data)
     return {
         "path": relpath,
         "split": split,
@@ -796,8 +794,8 @@ def write_shard_file(
         "num_shards": count,
         "rows": rows,
         "episodes": len(items),
-        "bytes": os.path.getsize(path),
-        "sha256": file_sha256(path),
+        "bytes": data.size,
+        "sha256": hashlib.sha256(data).hexdigest(),
         "row_groups": -(-rows // row_group),
         "datasets": dict(sorted(per_dataset.items())),
     }
@@ -842,7 +840,7 @@ class _EncodeEpisodeFn(beam.DoFn):
 
     def setup(self):
         self._encoder = self._config.build()
-        os.makedirs(self._spill_dir, exist_ok=True)
+        paths.makedirs(self._spill_dir)
 
     def process(self, episode: Episode):
         result = self._encoder.encode(episode)

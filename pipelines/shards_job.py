@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Sequence
 
@@ -34,6 +32,7 @@ import apache_beam as beam
 import numpy as np
 
 import vlaprep
+from vlaprep import paths
 from vlaprep.paths import confined, fsync_dir, write_bytes_atomic
 from vlaprep.pipelines import sources
 from vlaprep.pipelines.shards import (
@@ -86,10 +85,10 @@ class ShardsResult:
 def load_statistics(path: str, inputs: Sequence[DatasetInput]) -> tuple[dict, bytes]:
     """``{dataset: action block}`` for every input, checked against the registry; and the file's bytes."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ShardsArgumentError(f"expected a readable --statistics file, got {path!r}: {e.strerror}") from None
+        raw = paths.read_bytes(path)
+    except Exception as e:  # noqa: BLE001 - OSError locally; BeamIOError and client errors remotely
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise ShardsArgumentError(f"expected a readable --statistics file, got {path!r}: {reason}") from None
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -217,13 +216,13 @@ def _try_calvin(window, spec):
 
 
 def _check_output_dir(output_dir: str) -> None:
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    if paths.isfile(output_dir):
         raise ShardsArgumentError(f"expected --output to be a directory, got the file {output_dir!r}")
-    if not os.path.isdir(output_dir):
+    if not paths.isdir(output_dir):
         return
     ours = set(_OUTPUT_ENTRIES) | {MANIFEST_FILE}
     foreign = sorted(
-        n for n in os.listdir(output_dir) if n not in ours and not n.startswith((_STAGING_PREFIX, _OLD_PREFIX, ".tmp-"))
+        n for n in paths.listdir(output_dir) if n not in ours and not n.startswith((_STAGING_PREFIX, _OLD_PREFIX, ".tmp-"))
     )
     if foreign:
         raise ShardsArgumentError(
@@ -253,7 +252,7 @@ def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput
     """Sources -> EncodeEpisodes -> WriteShards into ``staging``; file infos, quarantine records and
     read counts as JSON lines under ``staging/.work`` for the driver; encoded episodes wait in
     ``staging/.work/episodes`` (removed with ``.work`` once the pipeline is done)."""
-    work = os.path.join(staging, _WORK)
+    work = paths.join(staging, _WORK)
     roles = config.options.cameras
     episodes, quarantined = [], []
     for item in inputs:
@@ -261,31 +260,30 @@ def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput
         episodes.append(read["episodes"])
         quarantined.append(read["quarantine"])
     all_episodes = episodes | "AllEpisodes" >> beam.Flatten()
-    spill = os.path.join(work, "episodes")
+    spill = paths.join(work, "episodes")
     encoded = all_episodes | "EncodeEpisodes" >> EncodeEpisodes(config, spill)
     quarantined.append(encoded["quarantine"])
     files = encoded["encoded"] | "WriteShards" >> WriteShards(staging, spill, config.options.schema(), config.options.target_shard_bytes)
-    _ = files | "WriteFileInfos" >> beam.io.WriteToText(os.path.join(work, "files", "part"), num_shards=1)
+    _ = files | "WriteFileInfos" >> beam.io.WriteToText(paths.join(work, "files", "part"), num_shards=1)
     _ = (
         quarantined
         | "AllQuarantine" >> beam.Flatten()
         | "QuarantineJson" >> beam.Map(_json_line)
-        | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(work, "quarantine", "part"), num_shards=1)
+        | "WriteQuarantine" >> beam.io.WriteToText(paths.join(work, "quarantine", "part"), num_shards=1)
     )
     _ = (
         all_episodes
         | "DatasetOfEpisode" >> beam.Map(_dataset_of)
         | "CountRead" >> beam.CombinePerKey(sum)
         | "CountJson" >> beam.MapTuple(_count_json)
-        | "WriteCounts" >> beam.io.WriteToText(os.path.join(work, "counts", "part"), num_shards=1)
+        | "WriteCounts" >> beam.io.WriteToText(paths.join(work, "counts", "part"), num_shards=1)
     )
 
 
 def _read_json_lines(directory: str) -> list:
     out = []
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name)) as f:
-            out.extend(json.loads(line) for line in f if line.strip())
+    for name in paths.listdir(directory):
+        out.extend(json.loads(line) for line in paths.read_text(paths.join(directory, name)).splitlines() if line.strip())
     return out
 
 
@@ -393,36 +391,37 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 def publish(staging: str, output_dir: str, manifest_data: bytes) -> None:
     """Swap the staged output into ``output_dir``; the manifest goes last (see the module docstring)."""
-    manifest = os.path.join(output_dir, MANIFEST_FILE)
-    if os.path.exists(manifest):
-        os.unlink(manifest)  # from here on OUT is "incomplete" until the new manifest lands
-        fsync_dir(output_dir)
-    old = tempfile.mkdtemp(prefix=_OLD_PREFIX, dir=output_dir)
+    manifest = paths.join(output_dir, MANIFEST_FILE)
+    if paths.exists(manifest):
+        paths.remove_tree(manifest)  # from here on OUT is "incomplete" until the new manifest lands
+        if not paths.is_remote(output_dir):
+            fsync_dir(output_dir)
+    old = paths.make_temp_dir(output_dir, _OLD_PREFIX)
     for name in _OUTPUT_ENTRIES:
-        target = os.path.join(output_dir, name)
-        if os.path.lexists(target):
-            os.rename(target, os.path.join(old, name))
-        os.rename(os.path.join(staging, name), target)
-    fsync_dir(output_dir)
+        target = paths.join(output_dir, name)
+        if paths.exists(target) or paths.isdir(target) or (not paths.is_remote(target) and os.path.lexists(target)):
+            paths.move(target, paths.join(old, name))
+        paths.move(paths.join(staging, name), target)
+    if not paths.is_remote(output_dir):
+        fsync_dir(output_dir)
     write_bytes_atomic(manifest, manifest_data)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    for name in os.listdir(output_dir):  # leftovers of runs that crashed mid-publish
+    paths.remove_tree(old)
+    paths.remove_tree(staging)
+    for name in paths.listdir(output_dir):  # leftovers of runs that crashed mid-publish
         if name.startswith(_OLD_PREFIX):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            paths.remove_tree(paths.join(output_dir, name))
 
 
 def verify_output(output_dir: str, manifest: dict | None = None) -> dict:
     """Every file the manifest names exists with its size and sha256 (what a careful reader does)."""
     if manifest is None:
-        with open(os.path.join(output_dir, MANIFEST_FILE)) as f:
-            manifest = json.load(f)
+        manifest = json.loads(paths.read_text(paths.join(output_dir, MANIFEST_FILE)))
     entries = list(manifest["files"]) + [manifest["quarantine"]]
     for entry in entries:
-        path = confined(output_dir, entry["path"], os.path.join(output_dir, MANIFEST_FILE))
-        if not os.path.isfile(path):
+        path = confined(output_dir, entry["path"], paths.join(output_dir, MANIFEST_FILE))
+        if not paths.isfile(path):
             raise RuntimeError(f"expected {entry['path']} listed in the manifest to exist in {output_dir!r}, got no such file")
-        size = os.path.getsize(path)
+        size = paths.getsize(path)
         if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise RuntimeError(f"expected {entry['path']} to have {entry['bytes']} bytes and sha256 {entry['sha256']}, got {size} bytes / another digest")
     return manifest
@@ -494,26 +493,25 @@ def run_shards(
     )
 
     # --- build in staging -------------------------------------------------------------------------
-    created = not os.path.exists(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output_dir)
+    created = not paths.exists(output_dir)
+    paths.makedirs(output_dir)
+    staging = paths.make_temp_dir(output_dir, _STAGING_PREFIX)
     try:
         for name in _OUTPUT_ENTRIES:
-            os.makedirs(os.path.join(staging, name))
+            paths.makedirs(paths.join(staging, name))
         # A copy travels with the shards, so `vlaprep validate` and trainers un-normalize from OUT alone.
-        with open(os.path.join(staging, STATISTICS_COPY), "wb") as f:
-            f.write(statistics_bytes)
+        write_bytes_atomic(paths.join(staging, STATISTICS_COPY), statistics_bytes)
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
             build_shards_pipeline(pipeline, inputs, config, staging)
-        work = os.path.join(staging, _WORK)
-        file_infos = sorted(_read_json_lines(os.path.join(work, "files")), key=lambda i: i["path"])
+        work = paths.join(staging, _WORK)
+        file_infos = sorted(_read_json_lines(paths.join(work, "files")), key=lambda i: i["path"])
         quarantine = sorted(
-            _read_json_lines(os.path.join(work, "quarantine")), key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"])
+            _read_json_lines(paths.join(work, "quarantine")), key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"])
         )
-        read_counts = dict(_read_json_lines(os.path.join(work, "counts")))
-        shutil.rmtree(work)
+        read_counts = dict(_read_json_lines(paths.join(work, "counts")))
+        paths.remove_tree(work)
         _check_files(staging, file_infos)
-        quarantine_path = os.path.join(staging, QUARANTINE_FILE)
+        quarantine_path = paths.join(staging, QUARANTINE_FILE)
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in quarantine).encode("utf-8")
         write_bytes_atomic(quarantine_path, data)
         quarantine_info = {"path": QUARANTINE_FILE, "records": len(quarantine), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -521,8 +519,8 @@ def run_shards(
         validate_json(manifest, "manifest")
         publish(staging, output_dir, manifest_bytes(manifest))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
+        paths.remove_tree(staging)
+        if created and not paths.is_remote(output_dir):
             try:
                 os.rmdir(output_dir)  # only if still empty
             except OSError:
@@ -538,16 +536,17 @@ def _check_files(staging: str, file_infos: list) -> None:
         counts = {i["num_shards"] for i in infos}
         if infos and (counts != {len(infos)} or sorted(i["shard_index"] for i in infos) != list(range(len(infos)))):
             raise RuntimeError(f"expected shards 0..{len(infos) - 1} of {split}, got {[i['path'] for i in infos]!r}")
-        directory = os.path.join(staging, split)
-        for name in os.listdir(directory):  # a worker killed mid-write leaves its temp file; retries rewrote it
-            if name.startswith(".tmp-"):
-                os.unlink(os.path.join(directory, name))
-        on_disk = sorted(os.listdir(directory))
-        expected = sorted(os.path.basename(i["path"]) for i in infos)
+        directory = paths.join(staging, split)
+        listed = dict(paths.list_files(directory))
+        for name in [n for n in listed if paths.basename(n).startswith(".tmp-")]:
+            paths.remove_tree(paths.join(directory, name))  # a worker killed mid-write leaves its temp file; retries rewrote it
+            del listed[name]
+        on_disk = sorted(listed)
+        expected = sorted(paths.basename(i["path"]) for i in infos)
         if on_disk != expected:
             raise RuntimeError(f"expected exactly {expected!r} in {split}/, got {on_disk!r}")
         for info in infos:
-            if os.path.getsize(os.path.join(staging, info["path"])) != info["bytes"]:
+            if listed[paths.basename(info["path"])] != info["bytes"]:
                 raise RuntimeError(f"expected {info['path']} to have {info['bytes']} bytes, got another size")
 
 

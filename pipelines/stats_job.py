@@ -31,6 +31,7 @@ from vlaprep.transforms.registry import DatasetSpec
 STATS_FILE = "dataset_statistics.json"
 CACHE_FILE = "dataset_statistics.cache.json"
 QUARANTINE_FILE = "quarantine.jsonl"
+FAILURE_FILE = ".stats-failure.json"  # why the last run's final step refused (read by a waiting driver)
 
 # Local runs must never reach for the network: the plain DirectRunner first tries to download Prism.
 DEFAULT_BEAM_ARGS = (
@@ -88,13 +89,6 @@ def write_json_atomic(path: str, document, indent: int | None = 2) -> None:
     write_bytes_atomic(path, json.dumps(document, indent=indent).encode())
 
 
-def _read_json_lines(pattern_dir: str) -> list:
-    out = []
-    for name in paths.listdir(pattern_dir):
-        out.extend(json.loads(line) for line in paths.read_text(paths.join(pattern_dir, name)).splitlines() if line.strip())
-    return out
-
-
 class _WriteProjectionFn(beam.DoFn):
     """((dataset, unit), {"path", "trajectories", "quarantine", "read"}) -> writes the unit's projection."""
 
@@ -140,15 +134,15 @@ def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: s
 
 
 def build_stats_pipeline(
-    pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], with_proprio: bool, work_dir: str, output_dir: str, force: bool = False
+    pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], with_proprio: bool, finalizer: "StatsFinalizer", force: bool = False
 ) -> dict:
-    """Wire sources -> transforms -> statistics; write entries and quarantine as JSON lines under work_dir.
+    """Wire sources -> transforms -> statistics -> ``FinalizeStatistics``, which writes the outputs.
 
     Source units (RLDS shards, CALVIN splits) whose projection is cached are not read: their transformed
     rows come from the cache; the others are read and their projections written for the next run.
     Returns ``{"units_read": n, "units_reused": m}``.
     """
-    new, cached = plan_units(inputs, with_proprio, output_dir, force)
+    new, cached = plan_units(inputs, with_proprio, finalizer.output_dir, force)
     specs = {item.name: item.spec for item in inputs}
     episodes, quarantined, targets = [], [], []
     for item, todo in new:
@@ -182,23 +176,25 @@ def build_stats_pipeline(
     entries = trajectories | "Statistics" >> ComputeDatasetStatistics(
         {item.name: item.spec.normalization_mask for item in inputs}, with_proprio=with_proprio
     )
-    _ = (
-        entries
-        | "EntryJson" >> beam.MapTuple(lambda name, entry: json.dumps([name, entry]))
-        | "WriteEntries" >> beam.io.WriteToText(paths.join(work_dir, "entries", "part"), num_shards=1)
-    )
-    _ = (
+    quarantine = (
         (new_quarantine, loaded.quarantine)
         | "AllQuarantine" >> beam.Flatten()
         | "QuarantineJson" >> beam.Map(lambda r: json.dumps(r.to_json_dict(), sort_keys=True))
-        | "WriteQuarantine" >> beam.io.WriteToText(paths.join(work_dir, "quarantine", "part"), num_shards=1)
     )
-    _ = (
+    counts = (
         (all_episodes | "DatasetOfEpisode" >> beam.Map(lambda e: (e.dataset_name, 1)), loaded.read)
         | "AllReadCounts" >> beam.Flatten()
         | "CountRead" >> beam.CombinePerKey(sum)
-        | "CountJson" >> beam.MapTuple(lambda name, n: json.dumps([name, n]))
-        | "WriteCounts" >> beam.io.WriteToText(paths.join(work_dir, "counts", "part"), num_shards=1)
+    )
+    _ = (
+        pipeline
+        | "FinalizeTrigger" >> beam.Create([None])
+        | "FinalizeStatistics" >> beam.ParDo(
+            _FinalizeStatsFn(finalizer),
+            beam.pvalue.AsList(entries),
+            beam.pvalue.AsList(quarantine),
+            beam.pvalue.AsList(counts),
+        )
     )
     return {"units_read": len(targets), "units_reused": len(cached)}
 
@@ -212,6 +208,72 @@ class StatsResult:
     episodes_read: dict
     seconds: float
     units: dict = dataclasses.field(default_factory=dict)
+    job: object = None  # the Beam PipelineResult of a run that did not wait (``wait=False``)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsFinalizer:
+    """What publishing the statistics needs besides the pipeline's results; pickled to the worker that runs
+    the pipeline's last step (or used on the driver when every dataset is reused)."""
+
+    output_dir: str
+    names: tuple[str, ...]  # every input dataset
+    todo: tuple[str, ...]  # the datasets computed in this run
+    fingerprints: dict
+    cache: dict  # the previous cache document: entries of reused datasets
+
+    def finalize(self, new_entries: dict, quarantine: list, read_counts: dict) -> None:
+        """Write histograms, ``quarantine.jsonl``, ``dataset_statistics.json`` and its cache, in that order.
+
+        ``quarantine``: JSON dicts of this run's records. Raises NoValidEpisodesError (after writing the
+        quarantine and a failure note for the driver) when a computed dataset has no valid episode.
+        """
+        quarantine = sorted(quarantine, key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
+        new_entries = {name: dict(entry) for name, entry in new_entries.items()}
+        for name, entry in sorted(new_entries.items()):
+            histogram = entry.pop(HISTOGRAM_KEY, None)
+            if histogram is not None:
+                render_histograms(name, histogram, entry["action"], paths.join(self.output_dir, f"{name}_histograms.png"))
+        missing = [name for name in self.todo if name not in new_entries]
+        if missing:
+            # Keep the reasons on disk before failing: they are what the user needs to fix the input.
+            _write_jsonl_atomic(paths.join(self.output_dir, QUARANTINE_FILE), quarantine)
+            counts = {n: sum(1 for r in quarantine if r["dataset_name"] == n) for n in missing}
+            message = (
+                f"expected statistics for every dataset, got none for {missing!r}: no valid episode "
+                f"({counts} quarantined); see {paths.join(self.output_dir, QUARANTINE_FILE)} for the reasons"
+            )
+            write_json_atomic(paths.join(self.output_dir, FAILURE_FILE), {"error": "NoValidEpisodesError", "message": message})
+            raise NoValidEpisodesError(message)
+        statistics, new_cache = {}, {}
+        for name in sorted(self.names):
+            if name in new_entries:
+                new_cache[name] = {
+                    "fingerprint": self.fingerprints[name],
+                    "entry": new_entries[name],
+                    "quarantined": sum(1 for r in quarantine if r["dataset_name"] == name),
+                    "episodes_read": read_counts.get(name, 0),
+                }
+            else:
+                new_cache[name] = self.cache[name]
+            statistics[name] = new_cache[name]["entry"]
+        validate_json(statistics, "dataset_statistics")
+        if self.todo:
+            _write_jsonl_atomic(paths.join(self.output_dir, QUARANTINE_FILE), quarantine)
+        # Statistics, then the cache that vouches for them: a crash between the two only costs a recompute.
+        write_json_atomic(paths.join(self.output_dir, STATS_FILE), statistics)
+        write_json_atomic(paths.join(self.output_dir, CACHE_FILE), new_cache, indent=1)
+
+
+class _FinalizeStatsFn(beam.DoFn):
+    """The pipeline's last step: one element; side inputs are complete only once every dataset is done."""
+
+    def __init__(self, finalizer: StatsFinalizer):
+        self._finalizer = finalizer
+
+    def process(self, _unused, entries, quarantine, counts):
+        self._finalizer.finalize(dict(entries), [json.loads(q) for q in quarantine], dict(counts))
+        yield paths.join(self._finalizer.output_dir, STATS_FILE)
 
 
 def run_stats(
@@ -221,67 +283,57 @@ def run_stats(
     force: bool = False,
     beam_args: Sequence[str] = (),
     log=print,
+    wait: bool = True,
 ) -> StatsResult:
+    """Compute and publish the statistics of ``inputs`` into ``output_dir`` (local path or ``gs://``).
+
+    The pipeline's last step writes the outputs (``StatsFinalizer``), so a run submitted with
+    ``wait=False`` (Dataflow Flex Templates, ``--no-wait``) produces them without this process.
+    """
     started = time.time()
     paths.makedirs(output_dir)
     cache_path = paths.join(output_dir, CACHE_FILE)
     cache = {}
     if not force and paths.isfile(cache_path):
         cache = json.loads(paths.read_text(cache_path))
+    failure_path = paths.join(output_dir, FAILURE_FILE)
+    if paths.exists(failure_path):
+        paths.remove_tree(failure_path)
     fingerprints = {item.name: dataset_fingerprint(item, with_proprio) for item in inputs}
     todo = [item for item in inputs if force or cache.get(item.name, {}).get("fingerprint") != fingerprints[item.name]]
     reused = [item.name for item in inputs if item not in todo]
     for name in reused:
         log(f"[stats] {name}: inputs unchanged (fingerprint {fingerprints[name][:12]}), reusing cached statistics")
-    new_entries, quarantine, read_counts, units = {}, [], {}, {}
-    if todo:
+    finalizer = StatsFinalizer(
+        output_dir, tuple(i.name for i in inputs), tuple(i.name for i in todo), fingerprints,
+        {name: cache[name] for name in reused},
+    )
+    units = {}
+    if not todo:
+        finalizer.finalize({}, [], {})
+    else:
         log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
-        work_dir = paths.make_temp_dir(output_dir, ".stats-work-")
+        input_bytes = sum(paths.getsize(f) for item in todo for f in sources.source_files(item.path, item.spec))
+        pipeline = beam.Pipeline(options=beam_options(beam_args, input_bytes))
+        units.update(build_stats_pipeline(pipeline, todo, with_proprio, finalizer, force))
+        job = pipeline.run()
+        if not wait:
+            log(f"[stats] submitted; {output_dir} is written by the pipeline's last step when it finishes")
+            return StatsResult({}, [], reused, [i.name for i in todo], {}, time.time() - started, units, job)
         try:
-            input_bytes = sum(paths.getsize(f) for item in todo for f in sources.source_files(item.path, item.spec))
-            with beam.Pipeline(options=beam_options(beam_args, input_bytes)) as pipeline:
-                units.update(build_stats_pipeline(pipeline, todo, with_proprio, work_dir, output_dir, force))
-            log(f"[stats] read {units['units_read']} source units, reused {units['units_reused']} cached unit projections")
-            new_entries = dict(_read_json_lines(paths.join(work_dir, "entries")))
-            quarantine = _read_json_lines(paths.join(work_dir, "quarantine"))
-            read_counts = dict(_read_json_lines(paths.join(work_dir, "counts")))
-        finally:
-            paths.remove_tree(work_dir)
-        quarantine.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
-    for name, entry in new_entries.items():
-        histogram = entry.pop(HISTOGRAM_KEY, None)
-        if histogram is not None:
-            render_histograms(name, histogram, entry["action"], paths.join(output_dir, f"{name}_histograms.png"))
-    missing = [item.name for item in todo if item.name not in new_entries]
-    if missing:
-        # Keep the reasons on disk before failing: they are what the user needs to fix the input.
-        _write_jsonl_atomic(paths.join(output_dir, QUARANTINE_FILE), quarantine)
-        counts = {n: sum(1 for r in quarantine if r["dataset_name"] == n) for n in missing}
-        raise NoValidEpisodesError(
-            f"expected statistics for every dataset, got none for {missing!r}: no valid episode "
-            f"({counts} quarantined); see {paths.join(output_dir, QUARANTINE_FILE)} for the reasons"
-        )
-    statistics = {}
-    new_cache = {}
-    for item in sorted(inputs, key=lambda i: i.name):
-        if item.name in new_entries:
-            entry = new_entries[item.name]
-            new_cache[item.name] = {
-                "fingerprint": fingerprints[item.name],
-                "entry": entry,
-                "quarantined": sum(1 for r in quarantine if r["dataset_name"] == item.name),
-                "episodes_read": read_counts.get(item.name, 0),
-            }
-        else:
-            new_cache[item.name] = cache[item.name]
-            entry = cache[item.name]["entry"]
-        statistics[item.name] = entry
-    validate_json(statistics, "dataset_statistics")
-    # Statistics first, then the cache that vouches for them: a crash between the two only costs a recompute.
-    write_json_atomic(paths.join(output_dir, STATS_FILE), statistics)
-    write_json_atomic(cache_path, new_cache, indent=1)
+            job.wait_until_finish()
+        except Exception:
+            if paths.isfile(failure_path):  # the pipeline's last step refused: report its reason as such
+                raise NoValidEpisodesError(json.loads(paths.read_text(failure_path))["message"]) from None
+            raise
+        log(f"[stats] read {units['units_read']} source units, reused {units['units_reused']} cached unit projections")
+    statistics = json.loads(paths.read_text(paths.join(output_dir, STATS_FILE)))
+    new_cache = json.loads(paths.read_text(cache_path))
+    quarantine = []
     if todo:
-        _write_jsonl_atomic(paths.join(output_dir, QUARANTINE_FILE), quarantine)
+        text = paths.read_text(paths.join(output_dir, QUARANTINE_FILE))
+        quarantine = [json.loads(line) for line in text.splitlines() if line.strip()]
+    read_counts = {i.name: new_cache[i.name]["episodes_read"] for i in todo}
     return StatsResult(statistics, quarantine, reused, [i.name for i in todo], read_counts, time.time() - started, units)
 
 

@@ -234,17 +234,40 @@ def copy_file(src: str, dst: str) -> None:
 
 
 def copy_tree(src: str, dst: str) -> None:
-    """Copy every file under ``src`` to the same relative name under ``dst`` (e.g. a dataset to ``gs://``)."""
-    for name, _size in list_files(src):
+    """Copy every file under ``src`` to the same relative name under ``dst`` (e.g. a dataset to ``gs://``).
+
+    Within one object store the copies are server-side (Beam batches them); no bytes pass through here."""
+    names = [name for name, _size in list_files(src)]
+    if is_remote(src) and is_remote(dst) and src.split("://")[0] == dst.split("://")[0]:
+        if names:
+            _filesystems().copy([join(src, n) for n in names], [join(dst, n) for n in names])
+        return
+    for name in names:
         copy_file(join(src, name), join(dst, name))
 
 
-def rename(src: str, dst: str) -> None:
-    """Local: atomic ``os.replace``. Remote: copy then delete (object stores cannot rename)."""
+def getmtime(path: str) -> float:
+    """Seconds since the epoch of the last modification (remote: the object's update time)."""
+    if is_remote(path):
+        found = _match(path)
+        if not found:
+            raise FileNotFoundError(f"expected an object at {path!r}, got none")
+        return float(found[0].last_updated_in_seconds)
+    return os.path.getmtime(_local(path))
+
+
+def move(src: str, dst: str) -> None:
+    """Move a file or a directory tree. Local: one atomic ``os.rename``. Remote: every object under the
+    prefix is copied then deleted (object stores cannot rename; Beam batches the requests)."""
     if is_remote(src) or is_remote(dst):
-        _filesystems().rename([src], [dst])
+        if _filesystems().exists(src):
+            _filesystems().rename([src], [dst])
+            return
+        names = [name for name, _ in list_files(src)]
+        if names:
+            _filesystems().rename([join(src, n) for n in names], [join(dst, n) for n in names])
     else:
-        os.replace(_local(src), _local(dst))
+        os.rename(_local(src), _local(dst))
 
 
 class open_write_atomic:

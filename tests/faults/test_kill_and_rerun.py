@@ -5,6 +5,7 @@ byte-identical results to an uninterrupted run."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,12 +110,19 @@ def test_sigkill_during_stats_then_rerun_is_identical(workspace, tmp_path):
     cmd = [VLAPREP, "stats", "--dataset", f"bridge_orig={version_dir}", "--output", str(out), *FAST]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
+    projections = out / "stats_cache" / "bridge_orig"
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(out) and any(n.startswith(".stats-work-") for n in os.listdir(out)):
+        # The first unit projection is written mid-pipeline, before the statistics' final step.
+        if projections.is_dir() and any(n.endswith(".npz") for n in os.listdir(projections)):
             break
         time.sleep(0.02)
+    assert proc.poll() is None, "expected to catch the stats run mid-pipeline"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert not (out / "dataset_statistics.json").exists()
-    subprocess.run(cmd, check=True, capture_output=True)
-    assert (out / "dataset_statistics.json").read_bytes() == (root / "stats" / "dataset_statistics.json").read_bytes()
+    expected = (root / "stats" / "dataset_statistics.json").read_bytes()
+    stats = out / "dataset_statistics.json"
+    assert not stats.exists() or stats.read_bytes() == expected  # never a partial file
+    rerun = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert stats.read_bytes() == expected
+    reused = re.search(r"reused (\d+) cached unit projections", rerun.stderr)
+    assert reused and int(reused.group(1)) >= 1  # projections written before the kill are not read again

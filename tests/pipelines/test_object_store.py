@@ -71,3 +71,31 @@ def test_stats_on_gcs_identical_to_local(tmp_path, gcs_prefix, rlds_dir, calvin_
     again = run_stats(inputs(paths.join(gcs_prefix, "rlds"), paths.join(gcs_prefix, "calvin")), out, **QUIET)
     assert again.reused == ["bridge_orig", "calvin"] and again.computed == []
     assert json.loads(paths.read_text(paths.join(out, "dataset_statistics.json"))) == local.statistics
+
+
+@pytest.mark.timeout(400)
+def test_shards_on_gcs_identical_to_local(tmp_path, gcs_prefix, rlds_dir):
+    from vlaprep.pipelines.shards_job import run_shards, verify_output
+    from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
+
+    build_llama_like_tokenizer(tmp_path / "tok")
+    spec = get_spec("bridge_orig")
+    run_stats([DatasetInput("bridge_orig", str(rlds_dir), spec)], str(tmp_path / "stats"), **QUIET)
+    remote_in = paths.join(gcs_prefix, "in")
+    paths.copy_tree(str(rlds_dir), paths.join(remote_in, "rlds"))
+    paths.copy_tree(str(tmp_path / "tok"), paths.join(remote_in, "tok"))
+    paths.copy_file(str(tmp_path / "stats" / "dataset_statistics.json"), paths.join(remote_in, "dataset_statistics.json"))
+    options = dict(heldout_fraction=0.3, image_size=16, target_shard_mb=0.02, **QUIET)
+    local = run_shards([DatasetInput("bridge_orig", str(rlds_dir), spec)], str(tmp_path / "stats" / "dataset_statistics.json"),
+                       str(tmp_path / "tok"), str(tmp_path / "local"), **options)
+    out = paths.join(gcs_prefix, "shards")
+    for _ in range(2):  # the second run replaces the first in place (publish over an existing output)
+        remote = run_shards([DatasetInput("bridge_orig", paths.join(remote_in, "rlds"), spec)],
+                            paths.join(remote_in, "dataset_statistics.json"), paths.join(remote_in, "tok"), out, **options)
+    assert remote.manifest == local.manifest
+    assert len(local.manifest["files"]) >= 3
+    for entry in local.manifest["files"] + [local.manifest["quarantine"]]:
+        assert paths.read_bytes(paths.join(out, entry["path"])) == (tmp_path / "local" / entry["path"]).read_bytes()
+    verify_output(out)
+    local_names = sorted(p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert [n for n, _ in paths.list_files(out)] == local_names  # no staging, spill or old copies left in the bucket
