@@ -33,7 +33,9 @@ def parse_dataset_args(values, registry_file):
             spec = get_spec(name, registry)
         except KeyError as e:
             raise UsageError(str(e.args[0])) from None
-        if not os.path.exists(path):
+        from vlaprep import paths
+
+        if not (paths.exists(path) or paths.isdir(path)):
             raise UsageError(f"expected an existing path for dataset {name!r}, got {path!r}")
         out.append(DatasetInput(name, path, spec))
     if not out:
@@ -59,10 +61,30 @@ def _cmd_stats(args, beam_args):
     from vlaprep.pipelines.stats_job import run_stats, stderr_log, summary_table
 
     inputs = parse_dataset_args(args.dataset, args.registry)
-    result = run_stats(inputs, args.output, with_proprio=args.proprio, force=args.force, beam_args=beam_args, log=stderr_log)
+    result = run_stats(inputs, args.output, with_proprio=args.proprio, force=args.force, beam_args=beam_args, log=stderr_log,
+                       wait=not args.no_wait)
+    if result.job is not None:
+        print(_submitted(result.job, args.output, "dataset_statistics.json"))
+        return 0
     print(summary_table(result))
-    print(f"wrote {os.path.join(args.output, 'dataset_statistics.json')} in {result.seconds:.1f}s")
+    print(f"wrote {_join(args.output, 'dataset_statistics.json')} in {result.seconds:.1f}s")
     return 0
+
+
+def _join(directory: str, name: str) -> str:
+    from vlaprep import paths
+
+    return paths.join(directory, name)
+
+
+def _submitted(job, output: str, name: str) -> str:
+    """One line for a run that did not wait: the runner's job id when it has one."""
+    try:
+        job_id = job.job_id()
+    except Exception:  # noqa: BLE001 - local runners and template launches have no job id
+        job_id = None
+    where = f"job {job_id}" if job_id else f"{type(job).__name__} (state {getattr(job, 'state', '?')})"
+    return f"submitted {where}; its last step writes {_join(output, name)}"
 
 
 def _cmd_shards(args, beam_args):
@@ -77,12 +99,15 @@ def _cmd_shards(args, beam_args):
             heldout_fraction=args.heldout_fraction, seed=args.seed, image_size=args.image_size,
             cameras=args.cameras, target_shard_mb=args.target_shard_mb, action_chunk=args.action_chunk,
             normalization=args.normalization, action_encoding=args.action_encoding,
-            beam_args=beam_args, log=stderr_log,
+            beam_args=beam_args, log=stderr_log, wait=not args.no_wait,
         )
     except ShardsArgumentError as e:
         raise UsageError(str(e)) from None
+    if result.job is not None:
+        print(_submitted(result.job, args.output, "manifest.json"))
+        return 0
     print(summary(result))
-    print(f"wrote {os.path.join(args.output, 'manifest.json')} in {result.seconds:.1f}s")
+    print(f"wrote {_join(args.output, 'manifest.json')} in {result.seconds:.1f}s")
     return 0
 
 
@@ -128,13 +153,22 @@ def _cmd_demo(args, beam_args):
 def _cmd_status(args, beam_args):
     from vlaprep.pipelines.run_job import RunConfigError, status
 
-    if not os.path.exists(args.target):
+    from vlaprep import paths
+
+    if not (paths.exists(args.target) or paths.isdir(args.target)):
         raise UsageError(f"expected a run output directory or a run config, got {args.target!r}, which does not exist")
     try:
         print(status(args.target))
     except RunConfigError as e:
         raise UsageError(str(e)) from None
     return 0
+
+
+def _add_no_wait(parser) -> None:
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="submit the pipeline and exit (Dataflow Flex Templates, schedulers); its last step publishes OUT",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--proprio", action="store_true", help="compute proprio statistics (default: zeros, as OpenVLA)")
     stats.add_argument("--force", action="store_true", help="recompute even when the inputs' fingerprints are unchanged")
     stats.set_defaults(func=_cmd_stats)
+    _add_no_wait(stats)
 
     val = sub.add_parser("validate", help="check shard round trip and a model's action-token accuracy on a split")
     val.add_argument("--shards", required=True, help="shard directory (manifest.json + <split>/shard-*.parquet)")
@@ -193,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--action-encoding", default="uniform", help="uniform | mu_law[:MU]")
     shards.add_argument("--registry", default=None, help="YAML file declaring custom datasets")
     shards.set_defaults(func=_cmd_shards)
+    _add_no_wait(shards)
 
     run = sub.add_parser("run", help="statistics -> shards -> validation from one YAML config")
     run.add_argument("--config", required=True, metavar="run.yaml")

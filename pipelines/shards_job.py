@@ -7,8 +7,10 @@ Output in ``OUT`` (names are the contract; ``schemas/manifest.schema.json`` desc
   manifest.json                          written LAST: every file with rows, episodes, bytes, sha256;
                                          totals, accounting, schema, input fingerprints, options
 
-Atomicity. Everything is built in ``OUT/.staging-<random>/``. Only after the pipeline succeeded and the
-accounting balanced: the old ``manifest.json`` (if any) is removed, the old ``train/ heldout/
+Atomicity. Everything is built in ``OUT/.staging-<random>/``. The pipeline's last step
+(``ShardsFinalizer``, after every shard is written) checks the files and the accounting and publishes,
+so a run submitted without waiting (``--no-wait``, Dataflow Flex Templates) publishes by itself. Only
+after the accounting balanced: the old ``manifest.json`` (if any) is removed, the old ``train/ heldout/
 quarantine/`` are moved aside, the new ones renamed into place, and the new manifest is written with
 temp file + fsync + rename. A crash at any point leaves either the old complete output with its
 manifest, or files without a manifest (never a manifest that names missing or partial files).
@@ -75,6 +77,7 @@ class ShardsResult:
     manifest: dict
     quarantine: list
     seconds: float
+    job: object = None  # the Beam PipelineResult of a run that did not wait (``wait=False``)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,18 +243,16 @@ def _json_line(record) -> str:
     return json.dumps(record.to_json_dict(), sort_keys=True)
 
 
-def _count_json(name: str, n: int) -> str:
-    return json.dumps([name, n])
-
-
 def _dataset_of(episode) -> tuple:
     return episode.dataset_name, 1
 
 
-def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], config: EncoderConfig, staging: str) -> None:
-    """Sources -> EncodeEpisodes -> WriteShards into ``staging``; file infos, quarantine records and
-    read counts as JSON lines under ``staging/.work`` for the driver; encoded episodes wait in
-    ``staging/.work/episodes`` (removed with ``.work`` once the pipeline is done)."""
+def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], config: EncoderConfig,
+                          finalizer: "ShardsFinalizer") -> None:
+    """Sources -> EncodeEpisodes -> WriteShards into ``finalizer.staging`` -> ``FinalizeShards`` (checks,
+    manifest, publish) with the file infos, quarantine records and read counts as side inputs; encoded
+    episodes wait in ``staging/.work/episodes`` (removed before publishing)."""
+    staging = finalizer.staging
     work = paths.join(staging, _WORK)
     roles = config.options.cameras
     episodes, quarantined = [], []
@@ -264,27 +265,60 @@ def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput
     encoded = all_episodes | "EncodeEpisodes" >> EncodeEpisodes(config, spill)
     quarantined.append(encoded["quarantine"])
     files = encoded["encoded"] | "WriteShards" >> WriteShards(staging, spill, config.options.schema(), config.options.target_shard_bytes)
-    _ = files | "WriteFileInfos" >> beam.io.WriteToText(paths.join(work, "files", "part"), num_shards=1)
+    quarantine = quarantined | "AllQuarantine" >> beam.Flatten() | "QuarantineJson" >> beam.Map(_json_line)
+    counts = all_episodes | "DatasetOfEpisode" >> beam.Map(_dataset_of) | "CountRead" >> beam.CombinePerKey(sum)
     _ = (
-        quarantined
-        | "AllQuarantine" >> beam.Flatten()
-        | "QuarantineJson" >> beam.Map(_json_line)
-        | "WriteQuarantine" >> beam.io.WriteToText(paths.join(work, "quarantine", "part"), num_shards=1)
-    )
-    _ = (
-        all_episodes
-        | "DatasetOfEpisode" >> beam.Map(_dataset_of)
-        | "CountRead" >> beam.CombinePerKey(sum)
-        | "CountJson" >> beam.MapTuple(_count_json)
-        | "WriteCounts" >> beam.io.WriteToText(paths.join(work, "counts", "part"), num_shards=1)
+        pipeline
+        | "FinalizeTrigger" >> beam.Create([None])
+        | "FinalizeShards" >> beam.ParDo(
+            _FinalizeShardsFn(finalizer), beam.pvalue.AsList(files), beam.pvalue.AsList(quarantine), beam.pvalue.AsList(counts)
+        )
     )
 
 
-def _read_json_lines(directory: str) -> list:
-    out = []
-    for name in paths.listdir(directory):
-        out.extend(json.loads(line) for line in paths.read_text(paths.join(directory, name)).splitlines() if line.strip())
-    return out
+@dataclasses.dataclass(frozen=True)
+class ShardsFinalizer:
+    """What checking and publishing the shards needs besides the pipeline's results (pickled to the worker
+    that runs the last step)."""
+
+    inputs: tuple
+    options: ShardOptions
+    statistics_bytes: bytes
+    tokenizer_files: TokenizerFiles
+    staging: str
+    output_dir: str
+
+    def finalize(self, file_infos: list, quarantine: list, read_counts: dict) -> dict:
+        """Check the staged files, write the quarantine file, build and validate the manifest, publish.
+
+        ``file_infos``/``quarantine``: JSON dicts. Returns the manifest; raises RuntimeError when the
+        files or the accounting disagree (nothing is published then)."""
+        file_infos = sorted(file_infos, key=lambda i: i["path"])
+        quarantine = sorted(quarantine, key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
+        paths.remove_tree(paths.join(self.staging, _WORK))
+        _check_files(self.staging, file_infos)
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in quarantine).encode("utf-8")
+        write_bytes_atomic(paths.join(self.staging, QUARANTINE_FILE), data)
+        quarantine_info = {"path": QUARANTINE_FILE, "records": len(quarantine), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = build_manifest(
+            self.inputs, self.options, file_infos, quarantine, read_counts, quarantine_info, self.statistics_bytes, self.tokenizer_files
+        )
+        validate_json(manifest, "manifest")
+        publish(self.staging, self.output_dir, manifest_bytes(manifest))
+        return manifest
+
+
+class _FinalizeShardsFn(beam.DoFn):
+    """The pipeline's last step: one element; its side inputs are complete once every shard is written."""
+
+    def __init__(self, finalizer: ShardsFinalizer):
+        self._finalizer = finalizer
+
+    def process(self, _unused, files, quarantine, counts):
+        if not paths.isdir(self._finalizer.staging) and paths.isfile(paths.join(self._finalizer.output_dir, MANIFEST_FILE)):
+            return  # a retry of a step that already published: staging was consumed by publish
+        self._finalizer.finalize([json.loads(f) for f in files], [json.loads(q) for q in quarantine], dict(counts))
+        yield paths.join(self._finalizer.output_dir, MANIFEST_FILE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,6 +482,7 @@ def run_shards(
     action_encoding: str = "uniform",
     beam_args: Sequence[str] = (),
     log=print,
+    wait: bool = True,
 ) -> ShardsResult:
     """Build ``output_dir`` (layout in the module docstring). Raises ``ShardsArgumentError`` for bad
     arguments before any Beam work; any pipeline failure leaves ``output_dir`` as it was."""
@@ -492,40 +527,35 @@ def run_shards(
         f"{options.normalization}, {options.action_encoding}"
     )
 
-    # --- build in staging -------------------------------------------------------------------------
+    # --- build in staging; the pipeline's last step publishes -------------------------------------
     created = not paths.exists(output_dir)
     paths.makedirs(output_dir)
     staging = paths.make_temp_dir(output_dir, _STAGING_PREFIX)
+    finalizer = ShardsFinalizer(tuple(inputs), options, statistics_bytes, files, staging, output_dir)
     try:
         for name in _OUTPUT_ENTRIES:
             paths.makedirs(paths.join(staging, name))
         # A copy travels with the shards, so `vlaprep validate` and trainers un-normalize from OUT alone.
         write_bytes_atomic(paths.join(staging, STATISTICS_COPY), statistics_bytes)
-        with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-            build_shards_pipeline(pipeline, inputs, config, staging)
-        work = paths.join(staging, _WORK)
-        file_infos = sorted(_read_json_lines(paths.join(work, "files")), key=lambda i: i["path"])
-        quarantine = sorted(
-            _read_json_lines(paths.join(work, "quarantine")), key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"])
-        )
-        read_counts = dict(_read_json_lines(paths.join(work, "counts")))
-        paths.remove_tree(work)
-        _check_files(staging, file_infos)
-        quarantine_path = paths.join(staging, QUARANTINE_FILE)
-        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in quarantine).encode("utf-8")
-        write_bytes_atomic(quarantine_path, data)
-        quarantine_info = {"path": QUARANTINE_FILE, "records": len(quarantine), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        manifest = build_manifest(inputs, options, file_infos, quarantine, read_counts, quarantine_info, statistics_bytes, files)
-        validate_json(manifest, "manifest")
-        publish(staging, output_dir, manifest_bytes(manifest))
+        pipeline = beam.Pipeline(options=beam_options(beam_args))
+        build_shards_pipeline(pipeline, inputs, config, finalizer)
+        job = pipeline.run()
+        if not wait:
+            log(f"[shards] submitted; {output_dir} is published by the pipeline's last step when it finishes")
+            return ShardsResult(output_dir, {}, [], time.time() - started, job)
+        job.wait_until_finish()
     except BaseException:
-        paths.remove_tree(staging)
-        if created and not paths.is_remote(output_dir):
-            try:
-                os.rmdir(output_dir)  # only if still empty
-            except OSError:
-                pass
+        if wait:
+            paths.remove_tree(staging)
+            if created and not paths.is_remote(output_dir):
+                try:
+                    os.rmdir(output_dir)  # only if still empty
+                except OSError:
+                    pass
         raise
+    manifest = json.loads(paths.read_text(paths.join(output_dir, MANIFEST_FILE)))
+    text = paths.read_text(paths.join(output_dir, QUARANTINE_FILE))
+    quarantine = [json.loads(line) for line in text.splitlines() if line.strip()]
     return ShardsResult(output_dir, manifest, quarantine, time.time() - started)
 
 

@@ -108,3 +108,29 @@ def test_shards_identical_through_job_service_and_external_workers(tmp_path, dat
     assert len(outputs["local"]["files"]) >= 2
     for entry in outputs["local"]["files"]:
         assert (tmp_path / "local" / entry["path"]).read_bytes() == (tmp_path / "portable" / entry["path"]).read_bytes()
+
+
+@pytest.mark.timeout(300)
+def test_no_wait_submits_then_the_job_publishes_without_the_driver(tmp_path, dataset, portable_services):
+    """`--no-wait` (Flex Template launches, schedulers): the CLI exits once the job service has the job;
+    the job's last step writes the outputs, byte for byte what a waiting in-process run writes."""
+    inputs = [DatasetInput("bridge_orig", str(dataset), get_spec("bridge_orig"))]
+    run_stats(inputs, str(tmp_path / "local"), beam_args=IN_PROCESS, log=lambda m: None)
+    out = tmp_path / "submitted"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "vlaprep"), "stats", "--dataset", f"bridge_orig={dataset}",
+         "--output", str(out), "--no-wait", *portable_services],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("submitted "), done.stdout
+    deadline = time.time() + 240
+    target = out / "dataset_statistics.json"
+    while not target.exists() and time.time() < deadline:
+        time.sleep(0.25)
+    assert target.read_bytes() == (tmp_path / "local/dataset_statistics.json").read_bytes()
+    cache = out / "dataset_statistics.cache.json"
+    while not cache.exists() and time.time() < deadline:  # written right after the statistics
+        time.sleep(0.1)
+    assert (out / "quarantine.jsonl").read_bytes() == (tmp_path / "local/quarantine.jsonl").read_bytes()
