@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 
+from vlaprep import paths
+from vlaprep.paths import confined
 from vlaprep.pipelines.stats_job import beam_options, write_json_atomic
 from vlaprep.pipelines.validate import (
     PREDICTIONS_FILE,
@@ -66,6 +68,24 @@ def _read_lines(directory: str) -> list:
     return out
 
 
+def mirror_split(shards_dir: str, split: str, local_dir: str) -> str:
+    """Copy what validating ``split`` of a remote shards directory reads (the manifest, ``inputs/`` and the
+    split's files, checked against the manifest's sha256) into ``local_dir``; returns ``local_dir``."""
+    from vlaprep.pipelines.shards import file_sha256
+
+    manifest_bytes = paths.read_bytes(paths.join(shards_dir, "manifest.json"))
+    paths.write_bytes_atomic(os.path.join(local_dir, "manifest.json"), manifest_bytes)
+    for name, _size in paths.list_files(paths.join(shards_dir, "inputs")):
+        paths.copy_file(paths.join(shards_dir, "inputs", name), os.path.join(local_dir, "inputs", name))
+    for entry in json.loads(manifest_bytes).get("files", []):
+        if entry.get("split") == split:
+            local = confined(local_dir, entry["path"], "manifest.json 'files'")
+            paths.copy_file(confined(shards_dir, entry["path"], "manifest.json 'files'"), local)
+            if "sha256" in entry and file_sha256(local) != entry["sha256"]:
+                raise ValidationError(f"expected {entry['path']} with sha256 {entry['sha256']} in {shards_dir!r}, got another digest")
+    return local_dir
+
+
 def run_validate(
     shards_dir: str,
     model_dir: str,
@@ -87,7 +107,25 @@ def run_validate(
     if not os.path.isdir(model_dir):
         raise ValidationError(f"expected a local model directory for --model, got {model_dir!r}")
     kind, _ = model_kind(model_dir, trust_remote_code)  # refuses remote code early, one line
-    layout = load_layout(shards_dir, split, statistics)
+    # Inference runs where the accelerator is; shards in an object store are fetched (one split) first.
+    mirror = tempfile.mkdtemp(prefix="vlaprep-validate-shards-") if paths.is_remote(shards_dir) else None
+    try:
+        if mirror is not None:
+            log(f"[validate] fetching {split} of {shards_dir} to {mirror}")
+            if statistics is not None and paths.is_remote(statistics):
+                paths.copy_file(statistics, os.path.join(mirror, "statistics-override.json"))
+                statistics = os.path.join(mirror, "statistics-override.json")
+            mirror_split(shards_dir, split, mirror)
+        return _run_validate(shards_dir, mirror or shards_dir, model_dir, output_dir, kind, split, batch_size, device,
+                             max_samples, trust_remote_code, statistics, beam_args, log, started)
+    finally:
+        if mirror is not None:
+            shutil.rmtree(mirror, ignore_errors=True)
+
+
+def _run_validate(shards_dir, local_shards, model_dir, output_dir, kind, split, batch_size, device, max_samples,
+                  trust_remote_code, statistics, beam_args, log, started) -> ValidationResult:
+    layout = load_layout(local_shards, split, statistics)
     tok = layout.tokenizer
     spec = ModelSpec(
         path=os.path.abspath(model_dir),
@@ -105,8 +143,9 @@ def run_validate(
         f"{', '.join(layout.dataset_rows)}; model {model_dir} ({kind}), "
         f"{'all' if max_samples is None else f'at most {max_samples}'} samples"
     )
-    os.makedirs(output_dir, exist_ok=True)
-    work_dir = tempfile.mkdtemp(prefix=".validate-work-", dir=output_dir)
+    paths.makedirs(output_dir)
+    # The pipeline's JSON lines stay on this machine (validation runs where the model is).
+    work_dir = tempfile.mkdtemp(prefix=".validate-work-", dir=None if paths.is_remote(output_dir) else output_dir)
     try:
         with beam.Pipeline(options=validate_beam_options(beam_args)) as pipeline:
             outputs = pipeline | "Validate" >> ValidateShards(layout, spec, max_samples)
@@ -136,14 +175,11 @@ def run_validate(
         max_samples=max_samples,
         wall_seconds=time.time() - started,
     )
+    report["shards"] = shards_dir  # where the shards are, not the local copy that was read
     validate_json(report, "validation_report")
-    predictions_path = os.path.join(output_dir, PREDICTIONS_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=output_dir)
-    with os.fdopen(fd, "w") as f:
-        for record in predictions:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, predictions_path)
-    report_path = os.path.join(output_dir, REPORT_FILE)
+    predictions_path = paths.join(output_dir, PREDICTIONS_FILE)
+    paths.write_bytes_atomic(predictions_path, "".join(json.dumps(record) + "\n" for record in predictions).encode())
+    report_path = paths.join(output_dir, REPORT_FILE)
     write_json_atomic(report_path, report)
     return ValidationResult(report, report_path, predictions_path)
 

@@ -10,14 +10,10 @@ command line; everything else (``--runner``, ``--project``, ``--sdk_container_im
   -> vlaprep stats --dataset bridge_orig=gs://... --dataset taco_play=gs://... --output gs://b/vlaprep/stats
      --proprio --runner=DataflowRunner ...
 
-STATUS (see infra/dataflow/README.md, "Open gaps"): with the job drivers as they are, a template launch
-cannot produce the outputs. (1) The drivers read ``--dataset`` paths and write ``--output`` and their
-work directory through the local filesystem (``os.path``, ``os.listdir``, ``tempfile``), so ``gs://``
-paths are not supported yet. (2) A Flex Template launcher must exit once the job is submitted
-(Dataflow's docs: do not call ``wait_until_finish``), while ``vlaprep stats``/``shards`` wait for the
-pipeline and then finish the outputs on the driver (read the pipeline's JSON lines, write
-``dataset_statistics.json`` atomically, render histograms, publish the shard directory). The
-parameter mapping below is complete and tested; what it launches needs those two changes first.
+The launcher must exit once the job is submitted (Dataflow's Flex Template contract: no
+``wait_until_finish``), so the command always carries ``--no-wait``: the pipeline's own last step
+(``StatsFinalizer`` / ``ShardsFinalizer``) writes ``dataset_statistics.json`` or publishes the shards and
+their manifest, on a worker, through Beam's GCS filesystem.
 """
 
 from __future__ import annotations
@@ -122,6 +118,7 @@ def to_cli_argv(argv: list[str]) -> list[str]:
     for name, (flag, _) in BOOL_PARAMETERS.items():
         if name in given and _parse_bool(name, given[name]):
             out.append(flag)
+    out.append("--no-wait")  # a Flex Template launcher submits and exits; the job publishes its outputs
     return out + _normalize_passthrough(passthrough)
 
 

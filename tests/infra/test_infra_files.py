@@ -672,7 +672,7 @@ def test_launcher_output_is_a_command_line_vlaprep_accepts():
         "--runner=DataflowRunner", "--project=p", "--region", "us-central1", "--sdk_container_image=r/w:0.1.0",
     ])
     args, beam_args, _ = check_vlaprep_argv(["vlaprep", *stats])
-    assert args.command == "stats" and args.proprio and not args.force
+    assert args.command == "stats" and args.proprio and not args.force and args.no_wait
     assert args.dataset == ["bridge_orig=gs://b/rlds/bridge_orig/1.0.0", "taco_play=gs://b/rlds/taco_play"]
     assert beam_args == ["--runner=DataflowRunner", "--project=p", "--region=us-central1", "--sdk_container_image=r/w:0.1.0"]
 
@@ -684,6 +684,7 @@ def test_launcher_output_is_a_command_line_vlaprep_accepts():
     ])
     args, beam_args, _ = check_vlaprep_argv(["vlaprep", *shards])
     assert (args.heldout_fraction, args.seed, args.image_size, args.action_chunk) == (0.1, 3, 256, 4)
+    assert args.no_wait
     assert (args.cameras, args.normalization, args.action_encoding) == ("primary,wrist", "fixed:-1,1", "mu_law:255")
     assert beam_args == ["--disk_size_gb=200"]
 

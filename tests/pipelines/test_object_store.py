@@ -99,3 +99,49 @@ def test_shards_on_gcs_identical_to_local(tmp_path, gcs_prefix, rlds_dir):
     verify_output(out)
     local_names = sorted(p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*") if p.is_file())
     assert [n for n, _ in paths.list_files(out)] == local_names  # no staging, spill or old copies left in the bucket
+
+
+@pytest.mark.timeout(600)
+def test_run_publishes_versions_in_the_bucket_and_matches_local(tmp_path, gcs_prefix, rlds_dir, calvin_dir):
+    """`vlaprep run` with datasets and output in the bucket: every stage (validation fetches the held-out
+    split), the LATEST pointer, and reuse on the next run; the same bytes as a local run."""
+    import yaml
+
+    from vlaprep.pipelines.run_job import load_run_config, run_pipeline_config, status
+    from vlaprep.synthetic.model import build_tiny_llava
+    from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
+
+    build_llama_like_tokenizer(tmp_path / "tok")
+    build_tiny_llava(tmp_path / "model", tmp_path / "tok", image_size=16)
+    paths.copy_tree(str(rlds_dir), paths.join(gcs_prefix, "rlds"))
+    paths.copy_tree(str(calvin_dir), paths.join(gcs_prefix, "calvin"))
+
+    def config(output, rlds, calvin):
+        doc = {
+            "output": output, "tokenizer": str(tmp_path / "tok"), "model": str(tmp_path / "model"),
+            "datasets": [{"name": "bridge_orig", "path": rlds}, {"name": "calvin", "path": calvin}],
+            "shards": {"image_size": 16, "heldout_fraction": 0.3, "target_shard_mb": 0.05},
+            "validate": {"max_samples": 4, "batch_size": 4}, "beam_args": IN_PROCESS,
+        }
+        path = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return load_run_config(str(path))
+
+    local = run_pipeline_config(config(str(tmp_path / "out"), str(rlds_dir), str(calvin_dir)), log=lambda m: None)
+    out = paths.join(gcs_prefix, "runs")
+    remote_config = config(out, paths.join(gcs_prefix, "rlds"), paths.join(gcs_prefix, "calvin"))
+    remote = run_pipeline_config(remote_config, log=lambda m: None)
+    assert remote["accounting"] == local["accounting"] and remote["splits"] == local["splits"]
+    latest = json.loads(paths.read_text(paths.join(out, "LATEST")))
+    assert latest["version"] == remote["version"]
+    vdir = paths.join(out, "versions", remote["version"])
+    local_vdir = tmp_path / "out" / "versions" / local["version"]
+    for name in ("stats/dataset_statistics.json", "shards/manifest.json"):
+        assert paths.read_bytes(paths.join(vdir, name)) == (local_vdir / name).read_bytes(), name
+    report = json.loads(paths.read_text(paths.join(vdir, "validation", "validation_report.json")))
+    local_report = json.loads((local_vdir / "validation" / "validation_report.json").read_text())
+    assert report["round_trip"] == local_report["round_trip"] and report["shards"] == paths.join(vdir, "shards")
+    logs = []
+    assert run_pipeline_config(remote_config, log=logs.append) == remote
+    assert any("nothing to do" in line for line in logs)
+    assert status(out).startswith(f"{out}: published {remote['version']}")
