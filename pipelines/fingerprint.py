@@ -5,8 +5,8 @@ work it saves, so digests are memoized (like git's index) under ``$VLAPREP_CACHE
 ``~/.cache/vlaprep``) keyed by (absolute path, size, mtime_ns, inode): a file whose stat changed is
 hashed again; an unchanged one is not re-read.
 
-Files in an object store (``gs://...``) are not read at all: the store's own content checksum
-(GCS: CRC32C/MD5 of the object, via Beam's ``FileSystems.checksum``) stands in for the digest.
+Files in an object store (``gs://...``) are not read at all: the store's own checksum of each object
+(GCS: CRC32C), from one listing, stands in for the digest (see ``digests``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,7 @@ def _stat_key(path: str) -> str:
 
 
 def file_digest(path: str) -> str:
-    """BLAKE2b-256 hex of the file's bytes (memoized on its stat); ``store:<checksum>`` for remote objects."""
-    if vpaths.is_remote(path):
-        from apache_beam.io.filesystems import FileSystems
-
-        return "store:" + str(FileSystems.checksum(path))
+    """BLAKE2b-256 hex of a local file's bytes (memoized on its stat)."""
     key = _stat_key(path)
     memo = os.path.join(_cache_dir(), "file_digests", key[:2], key)
     try:
@@ -62,14 +58,34 @@ def file_digest(path: str) -> str:
     return digest
 
 
+def digests(files: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """{path: (size, digest)}. Local files: BLAKE2b, hashed on up to 4 threads. Remote files: the store's
+    checksum from one listing of their common prefix (``store:crc32c:...``): nothing is read, and a
+    million CALVIN frames cost a paged listing, not a million requests."""
+    files = sorted(set(files))
+    local = [f for f in files if not vpaths.is_remote(f)]
+    remote = [f for f in files if vpaths.is_remote(f)]
+    out = {}
+    if local:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            for f, d in zip(local, pool.map(file_digest, local)):
+                out[f] = (os.path.getsize(f), d)
+    if remote:
+        root = vpaths.commonpath(remote) if len(remote) > 1 else vpaths.dirname(remote[0])
+        listed = vpaths.list_checksums(root)
+        for f in remote:
+            name = vpaths.relpath(f, root)
+            if name not in listed:
+                raise FileNotFoundError(f"expected an object at {f!r}, got none in the listing of {root!r}")
+            size, checksum = listed[name]
+            out[f] = (size, f"store:{checksum}")
+    return out
+
+
 def files_fingerprint(paths: Iterable[str], root: str) -> list[dict]:
-    """[{name (relative to root), size, blake2b}] for each file, sorted by name; hashed on 2 threads."""
-    paths = sorted(paths)
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(file_digest, paths))
-    return [
-        {"name": vpaths.relpath(p, root), "size": vpaths.getsize(p), "blake2b": d} for p, d in zip(paths, digests)
-    ]
+    """[{name (relative to root), size, blake2b}] for each file, sorted by name (see ``digests``)."""
+    found = digests(paths)
+    return [{"name": vpaths.relpath(p, root), "size": found[p][0], "blake2b": found[p][1]} for p in sorted(found)]
 
 
 def combine(*parts) -> str:

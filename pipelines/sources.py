@@ -537,9 +537,15 @@ def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Seq
     frames: dict[str, list] = {r: [] for r in image_keys}
     for frame in range(window.start, window.end):
         path = calvin_frame_path(window.split_dir, frame)
-        if not paths.isfile(path):
-            raise ValueError(f"expected frame file {paths.basename(path)} for window [{window.start}, {window.end}), got no such file")
-        with _open_npz(path) as npz:
+        try:
+            npz = _open_npz(path)  # no existence check first: on object stores that is a request per frame
+        except Exception:  # noqa: BLE001 - FileNotFoundError locally, NotFound/BeamIOError remotely
+            if paths.isfile(path):
+                raise
+            raise ValueError(
+                f"expected frame file {paths.basename(path)} for window [{window.start}, {window.end}), got no such file"
+            ) from None
+        with npz:
             for key in keys:
                 if key not in npz.files:
                     raise ValueError(f"expected key {key!r} in {paths.basename(path)}, got {sorted(npz.files)!r}")

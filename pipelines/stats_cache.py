@@ -32,9 +32,11 @@ from vlaprep.transforms.registry import DatasetSpec
 CACHE_DIR = "stats_cache"
 
 
-def unit_key(unit: SourceUnit, spec: DatasetSpec, with_proprio: bool) -> str:
-    files = [{"blake2b": fingerprint.file_digest(f)} for f in unit.files]
-    shared = [{"name": paths.basename(f), "blake2b": fingerprint.file_digest(f)} for f in unit.shared]
+def unit_key(unit: SourceUnit, spec: DatasetSpec, with_proprio: bool, digests: dict | None = None) -> str:
+    """``digests``: ``fingerprint.digests`` of the unit's files (computed for all units at once by callers)."""
+    digests = digests if digests is not None else fingerprint.digests(unit.files + unit.shared)
+    files = [{"blake2b": digests[f][1]} for f in unit.files]
+    shared = [{"name": paths.basename(f), "blake2b": digests[f][1]} for f in unit.shared]
     # By content, not by name: TFDS renames every shard (`-of-000N`) when shards are added.
     files = [f["blake2b"] for f in files]
     return fingerprint.combine("stats-unit", fingerprint.version_fingerprint(), spec.fingerprint(), with_proprio, files, shared)

@@ -122,8 +122,11 @@ def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: s
         # One listing per dataset, not one existence check per unit (each is a request on object stores).
         projection_dir = paths.dirname(stats_cache.projection_path(output_dir, item.name, "x"))
         present = set() if force else {paths.join(projection_dir, n) for n, _ in paths.list_files(projection_dir)}
-        for unit in sources.source_units(item.path, item.spec):
-            path = stats_cache.projection_path(output_dir, item.name, stats_cache.unit_key(unit, item.spec, with_proprio))
+        units = sources.source_units(item.path, item.spec)
+        digests = fingerprint.digests([f for u in units for f in u.files + u.shared])
+        for unit in units:
+            key = stats_cache.unit_key(unit, item.spec, with_proprio, digests)
+            path = stats_cache.projection_path(output_dir, item.name, key)
             if path in present:
                 cached.append((item.name, path, unit.prefix))
             else:
@@ -313,7 +316,7 @@ def run_stats(
         finalizer.finalize({}, [], {})
     else:
         log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
-        input_bytes = sum(paths.getsize(f) for item in todo for f in sources.source_files(item.path, item.spec))
+        input_bytes = sum(sum(paths.sizes(sources.source_files(item.path, item.spec)).values()) for item in todo)
         pipeline = beam.Pipeline(options=beam_options(beam_args, input_bytes))
         units.update(build_stats_pipeline(pipeline, todo, with_proprio, finalizer, force))
         job = pipeline.run()

@@ -156,6 +156,47 @@ def list_files(path: str) -> list[tuple[str, int]]:
     return sorted(out)
 
 
+def list_checksums(path: str) -> dict[str, tuple[int, str]]:
+    """{relative name: (size, checksum)} of every object under a remote prefix, from one (paged) listing.
+
+    GCS: the objects' CRC32C (content-based: a renamed or copied object keeps it). Other stores: the
+    modification time stands in (``mtime:<seconds>``), as Beam's listing exposes no content hash there.
+    """
+    if not is_remote(path):
+        raise ValueError(f"expected an object-store URL, got local path {path!r}; hint: hash local files instead")
+    prefix = path.rstrip("/") + "/"
+    if prefix.startswith("gs://"):
+        from apache_beam.io.gcp import gcsio
+
+        bucket, _, name_prefix = prefix[len("gs://"):].partition("/")
+        client = gcsio.GcsIO().client
+        return {
+            blob.name[len(name_prefix):]: (int(blob.size), f"crc32c:{blob.crc32c}")
+            for blob in client.list_blobs(client.bucket(bucket), prefix=name_prefix)
+            if not blob.name.endswith("/")
+        }
+    return {
+        m.path[len(prefix):]: (m.size_in_bytes, f"mtime:{m.last_updated_in_seconds}")
+        for m in _match(prefix + "**")
+        if not m.path.endswith("/")
+    }
+
+
+def sizes(files: list[str]) -> dict[str, int]:
+    """{path: size} (remote files: one listing of their common prefix instead of a request per file)."""
+    remote = [f for f in files if is_remote(f)]
+    out = {f: os.path.getsize(_local(f)) for f in files if not is_remote(f)}
+    if remote:
+        root = commonpath(remote) if len(remote) > 1 else dirname(remote[0])
+        listed = dict(list_files(root))
+        for f in remote:
+            name = relpath(f, root)
+            if name not in listed:
+                raise FileNotFoundError(f"expected an object at {f!r}, got none")
+            out[f] = listed[name]
+    return out
+
+
 def listdir(path: str) -> list[str]:
     """Sorted names of the entries (files and directories / common prefixes) directly under ``path``."""
     if is_remote(path):

@@ -145,3 +145,51 @@ def test_run_publishes_versions_in_the_bucket_and_matches_local(tmp_path, gcs_pr
     assert run_pipeline_config(remote_config, log=logs.append) == remote
     assert any("nothing to do" in line for line in logs)
     assert status(out).startswith(f"{out}: published {remote['version']}")
+
+
+def test_bucket_fingerprints_follow_content_not_names(gcs_prefix):
+    """Remote digests come from the store's checksums: equal bytes give equal digests under any name;
+    a rewrite with other bytes changes them; nothing missing goes unnoticed."""
+    from vlaprep.pipelines import fingerprint
+
+    a, b, c = (paths.join(gcs_prefix, "d", n) for n in ("a.bin", "sub/b.bin", "c.bin"))
+    paths.write_bytes_atomic(a, b"same bytes")
+    paths.write_bytes_atomic(b, b"same bytes")
+    paths.write_bytes_atomic(c, b"other bytes")
+    found = fingerprint.digests([a, b, c])
+    assert found[a] == found[b] != found[c]
+    assert found[a][0] == len(b"same bytes") and found[a][1].startswith("store:crc32c:")
+    paths.write_bytes_atomic(a, b"same bytez")
+    assert fingerprint.digests([a])[a] != found[a]
+    with pytest.raises(FileNotFoundError):
+        fingerprint.digests([a, paths.join(gcs_prefix, "d", "missing.bin")])
+
+
+@pytest.mark.timeout(300)
+def test_incremental_stats_in_the_bucket(tmp_path, gcs_prefix, rlds_dir, calvin_dir):
+    """A changed object in one dataset recomputes that dataset only; the result equals a local scratch run."""
+    import numpy as np
+
+    rlds, calvin = paths.join(gcs_prefix, "rlds"), paths.join(gcs_prefix, "calvin")
+    paths.copy_tree(str(rlds_dir), rlds)
+    paths.copy_tree(str(calvin_dir), calvin)
+    inputs = [DatasetInput("bridge_orig", rlds, get_spec("bridge_orig")), DatasetInput("calvin", calvin, get_spec("calvin"))]
+    out = paths.join(gcs_prefix, "stats")
+    first = run_stats(inputs, out, **QUIET)
+    # Change one CALVIN frame's relative action, in the bucket and in a local copy for the reference.
+    local_copy = tmp_path / "calvin"
+    paths.copy_tree(calvin, str(local_copy))
+    from vlaprep.pipelines.sources import calvin_frame_path, list_calvin_windows
+
+    window = list_calvin_windows(str(local_copy))[0]
+    frame = local_copy / calvin_frame_path(window.split_dir, window.start + 1)
+    with np.load(frame) as z:
+        data = dict(z)
+    data["rel_actions"] = np.clip(data["rel_actions"] + 0.25, -1, 1)
+    np.savez(frame, **data)
+    paths.copy_file(str(frame), paths.join(calvin, frame.relative_to(local_copy).as_posix()))
+    again = run_stats(inputs, out, **QUIET)
+    assert again.reused == ["bridge_orig"] and again.computed == ["calvin"]
+    scratch = run_stats([inputs[0], DatasetInput("calvin", str(local_copy), get_spec("calvin"))], str(tmp_path / "scratch"), **QUIET)
+    assert paths.read_bytes(paths.join(out, "dataset_statistics.json")) == (tmp_path / "scratch" / "dataset_statistics.json").read_bytes()
+    assert scratch.statistics["calvin"]["action"] != first.statistics["calvin"]["action"]  # the edit is visible
