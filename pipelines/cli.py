@@ -89,7 +89,7 @@ def _submitted(job, output: str, name: str) -> str:
 
 def _cmd_shards(args, beam_args):
     from vlaprep.pipelines.shards import ShardsArgumentError
-    from vlaprep.pipelines.shards_job import run_shards, summary
+    from vlaprep.pipelines.shards_job import REUSE_OUTPUT, run_shards, summary
     from vlaprep.pipelines.stats_job import stderr_log
 
     inputs = parse_dataset_args(args.dataset, args.registry)
@@ -99,7 +99,7 @@ def _cmd_shards(args, beam_args):
             heldout_fraction=args.heldout_fraction, seed=args.seed, image_size=args.image_size,
             cameras=args.cameras, target_shard_mb=args.target_shard_mb, action_chunk=args.action_chunk,
             normalization=args.normalization, action_encoding=args.action_encoding,
-            beam_args=beam_args, log=stderr_log, wait=not args.no_wait,
+            beam_args=beam_args, log=stderr_log, wait=not args.no_wait, reuse_from=None if args.force else REUSE_OUTPUT,
         )
     except ShardsArgumentError as e:
         raise UsageError(str(e)) from None
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--normalization", default="bounds_q99", help="bounds_q99 | bounds | normal | fixed:LOW,HIGH")
     shards.add_argument("--action-encoding", default="uniform", help="uniform | mu_law[:MU]")
     shards.add_argument("--registry", default=None, help="YAML file declaring custom datasets")
+    shards.add_argument("--force", action="store_true",
+                        help="encode every dataset from its sources (default: unchanged datasets' rows are read back from OUT)")
     shards.set_defaults(func=_cmd_shards)
     _add_no_wait(shards)
 

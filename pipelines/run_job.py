@@ -286,7 +286,10 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
 
     if not carry_over("shards", "shards", "manifest.json"):
         log("[run] 2/3 shards (tokenize, resize images, write Parquet)")
-        result = run_shards(inputs, statistics_file, config.tokenizer, shards_dir, beam_args=args, log=log, **config.shards)
+        # Datasets whose rows are unchanged are read back from the previous version's shards.
+        reuse = paths.join(previous, "shards") if previous and not force else None
+        result = run_shards(inputs, statistics_file, config.tokenizer, shards_dir, beam_args=args, log=log,
+                            reuse_from=reuse, **config.shards)
         log(summary(result))
         summary_doc["stages"]["shards"] = {"reused": False, "seconds": round(result.seconds, 2)}
     manifest = _read_json(paths.join(shards_dir, "manifest.json"))

@@ -36,7 +36,7 @@ import numpy as np
 import vlaprep
 from vlaprep import paths
 from vlaprep.paths import confined, fsync_dir, write_bytes_atomic
-from vlaprep.pipelines import sources
+from vlaprep.pipelines import fingerprint, sources
 from vlaprep.pipelines.shards import (
     HELDOUT,
     MANIFEST_FILE,
@@ -56,7 +56,7 @@ from vlaprep.pipelines.shards import (
     probe_tokenization,
     prompt_ids_backend,
 )
-from vlaprep.pipelines.stats_job import DatasetInput, beam_options
+from vlaprep.pipelines.stats_job import DatasetInput, beam_options, dataset_fingerprint
 from vlaprep.schemas import validate_json
 from vlaprep.transforms.normalization import normalize_actions
 from vlaprep.transforms.prompt import prompt_prefix_ids
@@ -66,6 +66,7 @@ MANIFEST_FORMAT_VERSION = 1
 _STAGING_PREFIX = ".staging-"
 _OLD_PREFIX = ".old-"
 _WORK = ".work"
+REUSE_OUTPUT = object()  # reuse_from default: the output directory itself (its current manifest)
 INPUTS_DIR = "inputs"
 STATISTICS_COPY = "inputs/dataset_statistics.json"  # the statistics the rows were normalized with
 _OUTPUT_ENTRIES = (TRAIN, HELDOUT, QUARANTINE_DIR, INPUTS_DIR)
@@ -255,18 +256,33 @@ def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput
     staging = finalizer.staging
     work = paths.join(staging, _WORK)
     roles = config.options.cameras
-    episodes, quarantined = [], []
+    spill = paths.join(work, "episodes")
+    episodes, quarantined, reloaded, reused_counts = [], [], [], []
     for item in inputs:
+        reuse = finalizer.reused.get(item.name)
+        if reuse is not None:  # rows identical to what encoding would give: read back from the previous output
+            reloaded.append(
+                pipeline
+                | f"Reuse[{item.name}]" >> beam.Create(reuse.files)
+                | f"Reload[{item.name}]" >> beam.ParDo(_ReloadEpisodesFn(item.name, spill, config.options.schema()))
+            )
+            quarantined.append(pipeline | f"ReusedQuarantine[{item.name}]" >> beam.Create(list(reuse.quarantine)))
+            reused_counts.append(pipeline | f"ReusedCount[{item.name}]" >> beam.Create([(item.name, reuse.read)]))
+            continue
         read = pipeline | f"Read[{item.name}]" >> sources.read_episodes(item.path, item.spec, image_roles=roles)
         episodes.append(read["episodes"])
-        quarantined.append(read["quarantine"])
-    all_episodes = episodes | "AllEpisodes" >> beam.Flatten()
-    spill = paths.join(work, "episodes")
+        quarantined.append(read["quarantine"] | f"QuarantineJson[{item.name}]" >> beam.Map(_json_line))
+    all_episodes = episodes | "AllEpisodes" >> beam.Flatten(pipeline=pipeline)
     encoded = all_episodes | "EncodeEpisodes" >> EncodeEpisodes(config, spill)
-    quarantined.append(encoded["quarantine"])
-    files = encoded["encoded"] | "WriteShards" >> WriteShards(staging, spill, config.options.schema(), config.options.target_shard_bytes)
-    quarantine = quarantined | "AllQuarantine" >> beam.Flatten() | "QuarantineJson" >> beam.Map(_json_line)
-    counts = all_episodes | "DatasetOfEpisode" >> beam.Map(_dataset_of) | "CountRead" >> beam.CombinePerKey(sum)
+    quarantined.append(encoded["quarantine"] | "QuarantineJson" >> beam.Map(_json_line))
+    all_encoded = [encoded["encoded"]] + reloaded | "AllEncoded" >> beam.Flatten()
+    files = all_encoded | "WriteShards" >> WriteShards(staging, spill, config.options.schema(), config.options.target_shard_bytes)
+    quarantine = quarantined | "AllQuarantine" >> beam.Flatten()
+    counts = (
+        [all_episodes | "DatasetOfEpisode" >> beam.Map(_dataset_of)] + reused_counts
+        | "AllCounts" >> beam.Flatten()
+        | "CountRead" >> beam.CombinePerKey(sum)
+    )
     _ = (
         pipeline
         | "FinalizeTrigger" >> beam.Create([None])
@@ -274,6 +290,109 @@ def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput
             _FinalizeShardsFn(finalizer), beam.pvalue.AsList(files), beam.pvalue.AsList(quarantine), beam.pvalue.AsList(counts)
         )
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reuse: datasets whose rows would come out identical are read back from the previous output
+# --------------------------------------------------------------------------------------------------
+
+
+def rows_fingerprint(item: DatasetInput, action_block: dict, options: ShardOptions, tokenizer_files: TokenizerFiles) -> str:
+    """Everything a dataset's rows depend on: its sources' content and registry entry (the statistics
+    fingerprint, which covers the transform code and vlaprep's version), its normalization statistics,
+    the row options (not the shard size target) and the tokenizer files."""
+    row_options = {k: v for k, v in options.manifest_dict().items() if k != "target_shard_bytes"}
+    return fingerprint.combine(
+        "shard-rows", dataset_fingerprint(item, False), action_block, row_options, tokenizer_files.fingerprint()["sha256"]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusedDataset:
+    """One dataset carried over from a previous output: its shard files (path, sha256), its quarantine
+    records (JSON lines) and the number of episodes its source produced."""
+
+    files: tuple[tuple[str, str], ...]
+    quarantine: tuple[str, ...]
+    read: int
+
+
+def plan_reuse(previous_dir: str | None, fingerprints: dict, options: ShardOptions, log=print) -> dict:
+    """{dataset: ReusedDataset} for every input whose rows fingerprint equals the one ``previous_dir``'s
+    manifest records (same schema too); {} without a previous output."""
+    if previous_dir is None or not paths.isfile(paths.join(previous_dir, MANIFEST_FILE)):
+        return {}
+    where = paths.join(previous_dir, MANIFEST_FILE)
+    try:
+        manifest = json.loads(paths.read_text(where))
+        validate_json(manifest, "manifest")
+    except ValueError as e:
+        log(f"[shards] previous output {previous_dir} has an unreadable manifest ({str(e)[:200]}); recomputing everything")
+        return {}
+    if manifest["schema"]["arrow"] != options.schema().to_string(show_schema_metadata=False):
+        return {}
+    recorded = {name: d.get("rows_fingerprint") for name, d in manifest["inputs"]["datasets"].items()}
+    names = [name for name, fp in fingerprints.items() if recorded.get(name) == fp]
+    if not names:
+        return {}
+    lines = paths.read_text(confined(previous_dir, manifest["quarantine"]["path"], where)).splitlines()
+    reused = {}
+    for name in names:
+        files = tuple(
+            (confined(previous_dir, f["path"], where), f["sha256"]) for f in manifest["files"] if name in f["datasets"]
+        )
+        accounting = manifest["accounting"][name]
+        reused[name] = ReusedDataset(
+            files,
+            tuple(line for line in lines if line.strip() and json.loads(line)["dataset_name"] == name),
+            accounting["read"] - accounting["quarantined_by_stage"].get("read", 0),
+        )
+        log(f"[shards] {name}: rows unchanged (fingerprint {fingerprints[name][:12]}), reusing {len(files)} file(s) of {previous_dir}")
+    return reused
+
+
+class _ReloadEpisodesFn(beam.DoFn):
+    """(previous shard file, its sha256) -> (EpisodeKey, EpisodeRef) for each of ``dataset``'s episodes in it,
+    spilled like freshly encoded ones. The file's digest is checked first: a changed file fails the run."""
+
+    def __init__(self, dataset: str, spill_dir: str, schema):
+        self._dataset = dataset
+        self._spill_dir = spill_dir
+        self._schema = schema
+
+    def setup(self):
+        paths.makedirs(self._spill_dir)
+
+    def process(self, element):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from vlaprep.pipelines.shards import spill_episode
+
+        path, sha256 = element
+        data = paths.read_bytes(path)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RuntimeError(
+                f"expected {path} to have sha256 {sha256} as its manifest says, got another digest; "
+                "hint: the previous output was modified, delete it to rebuild from the sources"
+            )
+        table = pq.read_table(pa.BufferReader(data))
+        table = table.filter(pc.equal(table["dataset_name"], self._dataset)).combine_chunks()
+        if table.schema != self._schema:
+            table = table.cast(self._schema)
+        split = paths.basename(paths.dirname(path))
+        ids = table["episode_id"].to_pylist()
+        start = 0
+        while start < len(ids):  # an episode's rows are contiguous, in step order
+            end = start
+            while end < len(ids) and ids[end] == ids[start]:
+                end += 1
+            batch = table.slice(start, end - start).to_batches()[0]
+            key = (split, self._dataset, ids[start])
+            yield key, spill_episode(self._spill_dir, key, batch)
+            beam.metrics.Metrics.counter("vlaprep", "shard_episodes_reused").inc()
+            start = end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +406,8 @@ class ShardsFinalizer:
     tokenizer_files: TokenizerFiles
     staging: str
     output_dir: str
+    rows_fingerprints: dict = dataclasses.field(default_factory=dict)
+    reused: dict = dataclasses.field(default_factory=dict)  # dataset -> ReusedDataset
 
     def finalize(self, file_infos: list, quarantine: list, read_counts: dict) -> dict:
         """Check the staged files, write the quarantine file, build and validate the manifest, publish.
@@ -301,7 +422,8 @@ class ShardsFinalizer:
         write_bytes_atomic(paths.join(self.staging, QUARANTINE_FILE), data)
         quarantine_info = {"path": QUARANTINE_FILE, "records": len(quarantine), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = build_manifest(
-            self.inputs, self.options, file_infos, quarantine, read_counts, quarantine_info, self.statistics_bytes, self.tokenizer_files
+            self.inputs, self.options, file_infos, quarantine, read_counts, quarantine_info, self.statistics_bytes,
+            self.tokenizer_files, self.rows_fingerprints,
         )
         validate_json(manifest, "manifest")
         publish(self.staging, self.output_dir, manifest_bytes(manifest))
@@ -351,6 +473,7 @@ def build_manifest(
     quarantine_info: dict,
     statistics_bytes: bytes,
     tokenizer_files: TokenizerFiles,
+    rows_fingerprints: dict | None = None,
 ) -> dict:
     """The manifest document; raises RuntimeError if any input episode is unaccounted for."""
     names = sorted(i.name for i in inputs)
@@ -404,7 +527,11 @@ def build_manifest(
             },
             "tokenizer": tokenizer_files.fingerprint(),
             "datasets": {
-                i.name: {"source_format": i.spec.source_format, "registry_fingerprint": i.spec.fingerprint()}
+                i.name: {
+                    "source_format": i.spec.source_format,
+                    "registry_fingerprint": i.spec.fingerprint(),
+                    **({"rows_fingerprint": rows_fingerprints[i.name]} if rows_fingerprints else {}),
+                }
                 for i in sorted(inputs, key=lambda i: i.name)
             },
         },
@@ -483,9 +610,14 @@ def run_shards(
     beam_args: Sequence[str] = (),
     log=print,
     wait: bool = True,
+    reuse_from: str | None | object = REUSE_OUTPUT,
 ) -> ShardsResult:
     """Build ``output_dir`` (layout in the module docstring). Raises ``ShardsArgumentError`` for bad
-    arguments before any Beam work; any pipeline failure leaves ``output_dir`` as it was."""
+    arguments before any Beam work; any pipeline failure leaves ``output_dir`` as it was.
+
+    ``reuse_from``: a previous shards output (default: ``output_dir`` itself; None: none). Datasets whose
+    rows fingerprint (``rows_fingerprint``) matches its manifest are read back from its files instead
+    of being read and encoded again; the output is byte-identical to a run from the sources."""
     started = time.time()
     # --- checks, cheapest first -------------------------------------------------------------------
     cameras = parse_cameras(cameras)
@@ -531,7 +663,9 @@ def run_shards(
     created = not paths.exists(output_dir)
     paths.makedirs(output_dir)
     staging = paths.make_temp_dir(output_dir, _STAGING_PREFIX)
-    finalizer = ShardsFinalizer(tuple(inputs), options, statistics_bytes, files, staging, output_dir)
+    fingerprints = {i.name: rows_fingerprint(i, blocks[i.name], options, files) for i in inputs}
+    reused = plan_reuse(output_dir if reuse_from is REUSE_OUTPUT else reuse_from, fingerprints, options, log)
+    finalizer = ShardsFinalizer(tuple(inputs), options, statistics_bytes, files, staging, output_dir, fingerprints, reused)
     try:
         for name in _OUTPUT_ENTRIES:
             paths.makedirs(paths.join(staging, name))

@@ -544,3 +544,57 @@ def test_output_dir_with_foreign_files_is_refused(data, tmp_path):
     with pytest.raises(shards.ShardsArgumentError, match="expected --output to be empty or a previous vlaprep shards output"):
         run(data, tmp_path, datasets=("calvin",))
     assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def _edited_calvin_copy(data, tmp_path):
+    """A copy of the CALVIN dataset with one action of its first window changed, and statistics for it."""
+    import shutil
+
+    calvin = tmp_path / "calvin"
+    shutil.copytree(next(i.path for i in data["inputs"] if i.name == "calvin"), calvin)
+    window = sources.list_calvin_windows(str(calvin))[0]
+    frame = sources.calvin_frame_path(window.split_dir, window.start + 1)
+    with np.load(frame) as z:
+        arrays = dict(z)
+    arrays["rel_actions"] = np.clip(arrays["rel_actions"] + 0.25, -1, 1)
+    np.savez(frame, **arrays)
+    inputs = [data["inputs"][0], DatasetInput("calvin", str(calvin), get_spec("calvin"))]
+    run_stats(inputs, str(tmp_path / "stats"), beam_args=IN_MEMORY, log=lambda m: None)
+    return inputs, str(tmp_path / "stats" / "dataset_statistics.json")
+
+
+def test_unchanged_dataset_rows_are_read_back_and_output_is_identical(data, tmp_path):
+    """Incremental shards: after one dataset changes, the other's rows come from the previous output
+    (checked by sha256), not from its sources; the result is byte for byte a run from the sources."""
+    options = dict(image_size=SIZE, heldout_fraction=0.3, target_shard_mb=0.04, beam_args=IN_MEMORY)
+    out = tmp_path / "out"
+    before = run(data, out, **{k: v for k, v in options.items() if k != "image_size"}).manifest["inputs"]["datasets"]
+    inputs, statistics = _edited_calvin_copy(data, tmp_path)
+    logs = []
+    again = shards_job.run_shards(inputs, statistics, data["tokenizer_dir"], str(out), log=logs.append, **options)
+    reused = [line for line in logs if "rows unchanged" in line]
+    assert len(reused) == 1 and reused[0].startswith("[shards] bridge_orig:")
+    scratch = tmp_path / "scratch"
+    shards_job.run_shards(inputs, statistics, data["tokenizer_dir"], str(scratch), log=lambda m: None, reuse_from=None, **options)
+    first, second = output_bytes(out), output_bytes(scratch)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert first[name] == second[name], name
+    after = again.manifest["inputs"]["datasets"]  # the unchanged dataset kept its fingerprint, the edited one did not
+    assert after["bridge_orig"]["rows_fingerprint"] == before["bridge_orig"]["rows_fingerprint"]
+    assert after["calvin"]["rows_fingerprint"] != before["calvin"]["rows_fingerprint"]
+
+
+def test_a_modified_previous_output_is_not_reused_silently(data, tmp_path):
+    options = dict(heldout_fraction=0.3, target_shard_mb=0.04)
+    out = tmp_path / "out"
+    first = run(data, out, **options)
+    victim = out / next(f["path"] for f in first.manifest["files"] if "bridge_orig" in f["datasets"])
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    inputs, statistics = _edited_calvin_copy(data, tmp_path)
+    with pytest.raises(Exception, match="previous output was modified"):
+        shards_job.run_shards(inputs, statistics, data["tokenizer_dir"], str(out), image_size=SIZE, beam_args=IN_MEMORY,
+                              log=lambda m: None, **options)
+    assert json.loads((out / "manifest.json").read_text()) == first.manifest  # the old output stays published
