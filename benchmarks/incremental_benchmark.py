@@ -116,7 +116,12 @@ def main() -> None:
                     times[name].append(measure(shards_cmd(edited, statistics_file, out, "--force"))["wall"])
         same_stats = (tree_bytes(os.path.join(work, "stats_incremental"))["dataset_statistics.json"]
                       == tree_bytes(os.path.join(work, "stats_full"))["dataset_statistics.json"])
-        same_shards = tree_bytes(os.path.join(work, "shards_incremental")) == tree_bytes(os.path.join(work, "shards_full"))
+        inc, full = tree_bytes(os.path.join(work, "shards_incremental")), tree_bytes(os.path.join(work, "shards_full"))
+        same_shards = inc == full
+        if not same_shards:
+            print("differing files:", sorted(set(inc) ^ set(full)) + [k for k in inc if k in full and inc[k] != full[k]])
+            for name, files in (("incremental", inc), ("full", full)):
+                print(name, json.loads(files["manifest.json"])["accounting"])
         with open(os.path.join(work, "shards_full", "manifest.json")) as f:
             manifest = json.load(f)
         rows = {name: sum(v["rows"] for v in d.values()) for name, d in manifest["datasets"].items()}
