@@ -292,7 +292,7 @@ class RLDSParser:
             connector = step_features
             for part in key.split("/")[1:]:
                 connector = connector[part]
-            if isinstance(connector, tfds.features.Tensor) and flat[key].dtype != connector.dtype and not isinstance(
+            if isinstance(connector, tfds.features.Tensor) and flat[key].np_dtype != connector.np_dtype and not isinstance(
                 connector, (tfds.features.Image, tfds.features.Text)
             ):
                 self._encoded[key[len("steps/"):]] = connector
