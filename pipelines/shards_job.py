@@ -18,7 +18,9 @@ A reader trusts ``OUT`` only when ``manifest.json`` exists and lists what it rea
 
 Disk: while the pipeline runs, encoded episodes wait in ``OUT/.staging-*/.work/episodes`` (about the
 rows' uncompressed size); they are deleted before publishing. A run killed hard (SIGKILL, power loss)
-may leave a ``.staging-*`` directory behind; it is never read, and can be deleted.
+may leave a ``.staging-*`` directory behind; it is never read. The next local run into the same
+``OUT`` on the same host deletes it (its owner process is gone); one from a remote or ``--no-wait`` job
+is left alone and reported, to be deleted once that job is known to be dead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import time
 from typing import Sequence
 
@@ -66,6 +69,46 @@ MANIFEST_FORMAT_VERSION = 1
 _STAGING_PREFIX = ".staging-"
 _OLD_PREFIX = ".old-"
 _WORK = ".work"
+# Who builds a staging directory: {"host", "pid"} of a local driver that waits for its job. Lets a later
+# run on the same host delete the staging of a run that was killed (the pid is gone) without touching
+# one that is still building; staging without it (remote, --no-wait) is never deleted automatically.
+_OWNER_FILE = ".owner.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def reclaim_stale_staging(output_dir: str, log=print) -> list[str]:
+    """Delete ``OUT/.staging-*`` left by killed local runs on this host; return their names.
+
+    Only directories whose owner file names this host and a process that no longer exists are removed
+    (a reused pid keeps a directory, which is the safe direction). Others are reported, not touched.
+    """
+    if paths.is_remote(output_dir) or not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        if not name.startswith(_STAGING_PREFIX):
+            continue
+        directory = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(directory, _OWNER_FILE)) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            log(f"[shards] left alone: {directory} (no owner record: a remote or --no-wait job may still use it)")
+            continue
+        if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+            paths.remove_tree(directory)
+            removed.append(name)
+            log(f"[shards] removed {directory}: staging of an interrupted run (pid {owner.get('pid')} is gone)")
+    return removed
 REUSE_OUTPUT = object()  # reuse_from default: the output directory itself (its current manifest)
 INPUTS_DIR = "inputs"
 STATISTICS_COPY = "inputs/dataset_statistics.json"  # the statistics the rows were normalized with
@@ -662,7 +705,11 @@ def run_shards(
     # --- build in staging; the pipeline's last step publishes -------------------------------------
     created = not paths.exists(output_dir)
     paths.makedirs(output_dir)
+    reclaim_stale_staging(output_dir, log)
     staging = paths.make_temp_dir(output_dir, _STAGING_PREFIX)
+    if wait and not paths.is_remote(output_dir):
+        write_bytes_atomic(paths.join(staging, _OWNER_FILE),
+                           json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
     fingerprints = {i.name: rows_fingerprint(i, blocks[i.name], options, files) for i in inputs}
     reused = plan_reuse(output_dir if reuse_from is REUSE_OUTPUT else reuse_from, fingerprints, options, log)
     finalizer = ShardsFinalizer(tuple(inputs), options, statistics_bytes, files, staging, output_dir, fingerprints, reused)

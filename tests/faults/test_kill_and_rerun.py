@@ -86,7 +86,9 @@ def test_sigkill_during_shards_keeps_old_version_and_rerun_is_identical(workspac
     assert manifest == old, "the previous complete output must still be what the manifest describes"
     assert {k: v for k, v in _tree(out).items() if not k.startswith(".staging-")} == old_tree
     # Rerun to completion: identical to an uninterrupted run into a fresh directory.
+    assert any(n.startswith(".staging-") for n in os.listdir(out)), "expected the killed run's staging to be left"
     subprocess.run(_shards_cmd(root, version_dir, out, seed=1), check=True, capture_output=True)
+    assert not [n for n in os.listdir(out) if n.startswith(".")], "the rerun reclaims the killed run's staging"
     clean = tmp_path / "clean"
     subprocess.run(_shards_cmd(root, version_dir, clean, seed=1), check=True, capture_output=True)
     published = _published(out)

@@ -546,6 +546,31 @@ def test_output_dir_with_foreign_files_is_refused(data, tmp_path):
     assert os.listdir(tmp_path) == ["keep.txt"]
 
 
+def test_only_staging_of_dead_local_owners_is_reclaimed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def staging(name, owner):
+        directory = tmp_path / f".staging-{name}"
+        (directory / "train").mkdir(parents=True)
+        if owner is not None:
+            (directory / ".owner.json").write_text(json.dumps(owner))
+
+    staging("dead", {"host": socket.gethostname(), "pid": dead.pid})
+    staging("alive", {"host": socket.gethostname(), "pid": os.getpid()})
+    staging("other-host", {"host": socket.gethostname() + "-elsewhere", "pid": dead.pid})
+    staging("no-owner", None)  # a --no-wait or remote job's staging: cannot tell, keep
+    (tmp_path / "manifest.json").write_text("{}")
+    messages = []
+    assert shards_job.reclaim_stale_staging(str(tmp_path), messages.append) == [".staging-dead"]
+    assert sorted(os.listdir(tmp_path)) == [".staging-alive", ".staging-no-owner", ".staging-other-host", "manifest.json"]
+    assert any("left alone" in m and ".staging-no-owner" in m for m in messages)
+
+
 def _edited_calvin_copy(data, tmp_path):
     """A copy of the CALVIN dataset with one action of its first window changed, and statistics for it."""
     import shutil
