@@ -598,6 +598,35 @@ def test_copied_files_build_a_complete_wheel(tmp_path):
     entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert entry_points and "vlaprep = vlaprep.pipelines.cli:main" in zipfile.ZipFile(wheel).read(entry_points[0]).decode()
 
+    # What ships to workers (this wheel, via the image or --extra_package) runs the pipeline by itself:
+    # the driver and two worker processes import vlaprep from the installed wheel only, not this checkout.
+    site = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+    from vlaprep.synthetic.rlds import generate_rlds
+    from vlaprep.transforms.registry import get_spec
+
+    data = generate_rlds(tmp_path / "rlds", episodes=6, seed=4, image_size=16, num_shards=2)
+    run_stats([DatasetInput("bridge_orig", str(data), get_spec("bridge_orig"))], str(tmp_path / "reference"),
+              beam_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"], log=lambda m: None)
+    script = (
+        "import sys, vlaprep\n"
+        f"assert vlaprep.__file__.startswith({str(site)!r}), vlaprep.__file__\n"
+        "from vlaprep.pipelines.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run_env = dict(os.environ, PYTHONPATH=str(site), TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "stats", "--dataset", f"bridge_orig={data}", "--output", str(tmp_path / "shipped"),
+         "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        capture_output=True, text=True, env=run_env, cwd=tmp_path, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped = (tmp_path / "shipped" / "dataset_statistics.json").read_bytes()
+    assert shipped == (tmp_path / "reference" / "dataset_statistics.json").read_bytes()
+
 
 # --------------------------------------------------------------------------------------------------
 # Flex Template: metadata.json and the launcher
