@@ -29,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from stats_benchmark import ensure_dataset, measure  # noqa: E402
 
+from vlaprep import paths  # noqa: E402
+
 PY = sys.executable
 VLAPREP = os.path.join(os.path.dirname(PY), "vlaprep")
 
@@ -88,7 +90,7 @@ def main() -> None:
                     wall = measure(shards_cmd(n, w))["wall"]
                     if rep:
                         walls.setdefault(("shards", w, n), []).append(wall)
-        sizes = {n: sum(os.path.getsize(os.path.join(data[n], x)) for x in os.listdir(data[n])) for n in data}
+        sizes = {n: sum(size for _, size in paths.list_files(data[n])) for n in stats_sizes}
         rows = {n: rows_of(os.path.join(work, f"sh-{n}-{workers[0]}")) for n in shards_sizes}
         print(f"# {os.cpu_count()} cores; workers {workers}; stats {stats_sizes} episodes "
               f"({', '.join(f'{sizes[n] / 1e6:.0f} MB' for n in stats_sizes)}); shards {shards_sizes} episodes "

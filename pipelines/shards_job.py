@@ -75,6 +75,10 @@ _WORK = ".work"
 _OWNER_FILE = ".owner.json"
 
 
+def _owner_record() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -93,7 +97,7 @@ def reclaim_stale_staging(output_dir: str, log=print) -> list[str]:
     """
     if paths.is_remote(output_dir) or not os.path.isdir(output_dir):
         return []
-    removed = []
+    host, removed = _owner_record()["host"], []
     for name in sorted(os.listdir(output_dir)):
         if not name.startswith(_STAGING_PREFIX):
             continue
@@ -104,7 +108,7 @@ def reclaim_stale_staging(output_dir: str, log=print) -> list[str]:
         except (OSError, ValueError):
             log(f"[shards] left alone: {directory} (no owner record: a remote or --no-wait job may still use it)")
             continue
-        if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", -1))):
             paths.remove_tree(directory)
             removed.append(name)
             log(f"[shards] removed {directory}: staging of an interrupted run (pid {owner.get('pid')} is gone)")
@@ -708,8 +712,7 @@ def run_shards(
     reclaim_stale_staging(output_dir, log)
     staging = paths.make_temp_dir(output_dir, _STAGING_PREFIX)
     if wait and not paths.is_remote(output_dir):
-        write_bytes_atomic(paths.join(staging, _OWNER_FILE),
-                           json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+        write_bytes_atomic(paths.join(staging, _OWNER_FILE), json.dumps(_owner_record()).encode())
     fingerprints = {i.name: rows_fingerprint(i, blocks[i.name], options, files) for i in inputs}
     reused = plan_reuse(output_dir if reuse_from is REUSE_OUTPUT else reuse_from, fingerprints, options, log)
     finalizer = ShardsFinalizer(tuple(inputs), options, statistics_bytes, files, staging, output_dir, fingerprints, reused)
