@@ -6,11 +6,10 @@ import argparse
 import os
 import sys
 
+from vlaprep.errors import UsageError, UserError, describe_environment_error, environment_error
 from vlaprep.transforms.registry import get_spec, merged_registry
 
-
-class UsageError(ValueError):
-    """Bad arguments: reported as one line, exit code 2."""
+__all__ = ["UsageError", "build_parser", "main", "parse_dataset_args"]
 
 
 def parse_dataset_args(values, registry_file):
@@ -268,18 +267,20 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)} (Beam options must be --flag=value)")
     try:
         return args.func(args, beam_args)
-    except UsageError as e:
-        print(f"vlaprep {args.command}: error: {e}", file=sys.stderr)
+    except UserError as e:  # the user can fix it: one line
+        print(f"vlaprep {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except Exception as e:  # one clear line for known user-facing failures
-        from vlaprep.pipelines.sources import SourceError
-        from vlaprep.pipelines.stats_job import NoValidEpisodesError
+    except Exception as e:
+        env = environment_error(e)  # disk full, read-only output, a parent that is a file...
+        if env is None:
+            raise  # anything else is a bug in vlaprep: keep the traceback
+        print(f"vlaprep {args.command}: error: {describe_environment_error(env)}", file=sys.stderr)
+        return 2
 
-        if isinstance(e, (SourceError, NoValidEpisodesError, FileNotFoundError, KeyError)):
-            print(f"vlaprep {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 if __name__ == "__main__":
     sys.exit(main())

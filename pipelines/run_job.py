@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from vlaprep.errors import UserError
 from vlaprep import paths
 from vlaprep.paths import confined
 from vlaprep.pipelines import fingerprint
@@ -58,7 +59,7 @@ _SHARD_KEYS = {"heldout_fraction", "seed", "image_size", "cameras", "target_shar
 _VALIDATE_KEYS = {"split", "batch_size", "device", "max_samples"}
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError):
     """The run config is malformed: reported as one line."""
 
 

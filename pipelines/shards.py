@@ -54,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlaprep.errors import UserError
 from vlaprep import paths
 from vlaprep.pipelines.stats import transform_episode
 from vlaprep.schemas.episode import Episode, QuarantineRecord
@@ -98,7 +99,7 @@ PARQUET_COMPRESSION_LEVEL = 1  # explicit: a library default that changes would 
 EpisodeKey = tuple  # (split, dataset_name, episode_id): the sort key of everything in the output
 
 
-class ShardsArgumentError(ValueError):
+class ShardsArgumentError(UserError):
     """A bad option or input for ``vlaprep shards``: reported as one line before any Beam work."""
 
 

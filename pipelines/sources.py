@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import apache_beam as beam
 import numpy as np
 
+from vlaprep.errors import UserError
 from vlaprep import paths
 from vlaprep.pipelines import safe_pickle
 from vlaprep.schemas.episode import Episode, QuarantineRecord
@@ -28,7 +29,7 @@ QUARANTINE = "quarantine"
 _NAMESPACE = "vlaprep"
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """The source path is not a readable dataset: fail the run at once, before any work."""
 
 

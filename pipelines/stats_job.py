@@ -20,6 +20,7 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from vlaprep.errors import UserError
 from vlaprep import paths
 from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint, sources, stats_cache
@@ -43,7 +44,7 @@ DEFAULT_BEAM_ARGS = (
 PARALLEL_MIN_BYTES = 256 << 20
 
 
-class NoValidEpisodesError(ValueError):
+class NoValidEpisodesError(UserError):
     """Every episode of a dataset was quarantined: there is nothing to compute statistics from."""
 
 

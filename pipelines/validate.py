@@ -72,6 +72,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
+from vlaprep.errors import UserError
 from vlaprep.paths import confined
 from vlaprep.transforms.action_tokenizer import ActionTokenizer
 from vlaprep.transforms.normalization import (
@@ -111,7 +112,7 @@ _ROW_COLUMNS = (
 _ACTION_COLUMNS = ("dataset_name", "action_token_ids", "action_chunk", "normalized_action_chunk")
 
 
-class ValidationError(ValueError):
+class ValidationError(UserError):
     """A user-facing problem with the shards, the manifest or the model directory (one line)."""
 
 
