@@ -8,8 +8,9 @@ Pipeline shape (all datasets in one pipeline; ``shards_job.py`` drives it and pu
 
 Determinism. The bytes of every file are a function of the inputs and options only, never of the
 runner, the worker count or the bundle boundaries:
-  * an episode's rows are built in one place (``EpisodeEncoder.encode``), in step order, as one Arrow
-    record batch, so its rows are contiguous and ordered in exactly one file;
+  * an episode's rows are built in one place (``EpisodeEncoder.encode``), in step order, chunk by
+    chunk into one spill file, so its rows are contiguous and ordered in exactly one shard file; the
+    chunk size changes no byte (the writer hands Parquet the same arrays as for a whole episode);
   * the split is a hash of (seed, dataset, episode_id) (``heldout_split``), never random;
   * the shard of an episode comes from a plan over the globally sorted list of
     ``(split, dataset, episode_id, nbytes)`` (``plan_shards``): episodes fill consecutive shards in
@@ -24,6 +25,15 @@ DoFns only adapt them (and build the prompt tokenizer once per worker in ``setup
 Data flow. Encoded episodes are spilled as Arrow IPC files under the staging directory and only
 ``EpisodeRef``s (name, bytes, rows) go through the shuffle (see ``EncodeEpisodes``): temporary disk
 of about the rows' uncompressed size (~150 KB per 224x224 frame) under ``OUT/.staging-*/.work``.
+
+Memory does not grow with episode length. Per episode a worker holds its source record (encoded
+frames, as read) and per-step arrays without pixels (actions, ids: ~0.5 KB a step); frames are
+decoded, resized and PNG-encoded one chunk of steps at a time (``CHUNK_ROWS``, ``EpisodeRows``),
+each chunk appended to the spill file as its own record batch; the writer streams record batches
+back and Parquet row groups out (``write_shard_file``). Measured (``benchmarks/long_episode_memory.py``,
+2 episodes of 128x128 frames, 2 worker processes, summed RSS of driver + workers): 2,000 / 10,000 /
+20,000 steps peak at 2.8 / 3.0 / 3.3 GB, against 3.6 / 8.1 / 13.0 GB when whole episodes were
+decoded at once; what still grows (~13 KB a step) is the source record, read whole (``sources``).
 
 Performance (a shared, noisy 2-core VM; 256x256 JPEG Bridge-layout frames -> 224x224). Per frame,
 one thread: decode 0.45 ms + lanczos3 resize and rounding 2.0 ms = 2.45 ms; the shard path adds
@@ -40,7 +50,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import os
 import shutil
 import struct
@@ -52,6 +64,7 @@ from collections.abc import Mapping, Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlaprep.errors import UserError
@@ -62,6 +75,7 @@ from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema, validate_table_sc
 from vlaprep.transforms.action_tokenizer import ActionTokenizer
 from vlaprep.transforms.normalization import NormalizationSpec, normalize_actions
 from vlaprep.transforms.prompt import build_training_ids, openvla_prompt, prompt_prefix_ids
+from vlaprep.transforms.base import EmptyTrajectoryError
 from vlaprep.transforms.registry import DatasetSpec
 
 QUARANTINE = "quarantine"
@@ -83,13 +97,30 @@ IDS_DIRECT = "ids_direct"
 TOKENIZATION_MODES = (TEXT_ROUND_TRIP, IDS_DIRECT)
 
 EMPTY_LANGUAGE_REASON = "empty language instruction (OpenVLA drops unlabeled episodes)"
+# A trajectory the transform standardizes to zero steps (a 2-step Bridge episode loses its first and last
+# step): OpenVLA's statistics count it in num_trajectories, and it has no sample to write.
+EMPTY_TRAJECTORY_REASON = "empty after transform (counted in num_trajectories as OpenVLA does; no row to write)"
 STAGE_SHARD = "shard"
 STAGE_TRANSFORM = "transform"
 
-# Frames resized per TF call. One call covers a whole episode of up to this many steps (every Bridge
-# / RT-1 episode); longer ones are cut so a 1000-step episode does not hold ~1 GB of float32 at once.
-# The per-image result does not depend on the batch (each image is resized independently).
+# Memory does not grow with episode length: an episode is encoded in chunks of consecutive steps
+# (decode -> resize -> PNG -> Arrow -> one record batch appended to its spill file), and the shard
+# writer streams those record batches back. A chunk has at most CHUNK_ROWS steps and about
+# CHUNK_PIXEL_BYTES of output pixels over all cameras (224 px, one camera: 256 steps, 38 MiB; 2048 px:
+# 5 steps). Within a chunk, frames are decoded and resized per TF call in groups of at most
+# MAX_RESIZE_BATCH frames whose float32 working set stays under RESIZE_BATCH_BYTES (256x256 -> 224:
+# 50 frames). Neither changes a byte of the output: each image is decoded, resized and PNG-encoded
+# independently, and the writer rebuilds the chunking the Parquet writer sees (``write_shard_file``).
+CHUNK_ROWS = 256
+CHUNK_PIXEL_BYTES = 64 << 20
 MAX_RESIZE_BATCH = 256
+RESIZE_BATCH_BYTES = 128 << 20
+# Upper bounds of the size options (``ShardOptions``). --image-size: a 4096x4096 PNG row is 48 MiB,
+# three quarters of a row group (ROW_GROUP_BYTES), and its float32 resize alone needs ~0.8 GB; VLA
+# models take 224-448 px. --target-shard-mb: 1 TiB, far above any useful shard (a reader decodes one
+# shard file at a time), so that inf or 1e300 is an error rather than a 1e306-byte "target".
+MAX_IMAGE_SIZE = 4096
+MAX_TARGET_SHARD_BYTES = 1 << 40
 # Parquet row groups: ~1000 rows, fewer when rows are large, so a reader streams <= ~64 MiB at a time.
 ROW_GROUP_ROWS = 1000
 ROW_GROUP_BYTES = 64 << 20
@@ -137,6 +168,21 @@ def canonical_normalization(text: str) -> str:
         raise ShardsArgumentError(f"invalid --normalization: {e}") from None
 
 
+def target_shard_bytes(mb) -> int:
+    """``--target-shard-mb`` (MiB, a number or its text) -> bytes; a ShardsArgumentError unless finite and
+    in (0, MAX_TARGET_SHARD_BYTES] (``inf``, ``nan``, negative and absurd values are the user's to fix)."""
+    try:
+        value = float(mb)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(mb, bool) or not math.isfinite(value) or not 1 <= int(value * (1 << 20)) <= MAX_TARGET_SHARD_BYTES:
+        raise ShardsArgumentError(
+            f"expected --target-shard-mb a finite number in (0, {MAX_TARGET_SHARD_BYTES >> 20}] (MiB), got {mb!r}; "
+            "hint: 256 is the default"
+        )
+    return int(value * (1 << 20))
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardOptions:
     """Every option that changes the bytes of the output (recorded in the manifest as ``options``).
@@ -164,8 +210,11 @@ class ShardOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "cameras", parse_cameras(self.cameras))
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ShardsArgumentError(f"expected --image-size >= 1, got {self.image_size!r}")
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+            raise ShardsArgumentError(
+                f"expected --image-size in [1, {MAX_IMAGE_SIZE}] pixels, got {size!r}; hint: OpenVLA uses 224"
+            )
         fraction = self.heldout_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
             raise ShardsArgumentError(
@@ -178,8 +227,11 @@ class ShardOptions:
             raise ShardsArgumentError(f"expected --action-chunk >= 1, got {self.action_chunk!r}; hint: 1 gives OpenVLA's rows")
         object.__setattr__(self, "normalization", canonical_normalization(self.normalization))
         object.__setattr__(self, "action_encoding", canonical_encoding(self.action_encoding))
-        if not isinstance(self.target_shard_bytes, int) or self.target_shard_bytes < 1:
-            raise ShardsArgumentError(f"expected --target-shard-mb > 0, got {self.target_shard_bytes!r} bytes")
+        target = self.target_shard_bytes
+        if isinstance(target, bool) or not isinstance(target, int) or not 1 <= target <= MAX_TARGET_SHARD_BYTES:
+            raise ShardsArgumentError(
+                f"expected --target-shard-mb in (0, {MAX_TARGET_SHARD_BYTES >> 20}] MiB, got {target!r} bytes; hint: 256 is the default"
+            )
         if self.tokenization not in TOKENIZATION_MODES:
             raise ShardsArgumentError(f"expected tokenization in {TOKENIZATION_MODES!r}, got {self.tokenization!r}")
 
@@ -399,14 +451,16 @@ def chunk_indices(num_steps: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(raw, num_steps - 1), raw < num_steps
 
 
-def decode_frames(images, indices: np.ndarray):
+def decode_frames(images, indices: np.ndarray, expected_shape: tuple | None = None):
     """The frames at ``indices``: ``[K, H, W, 3] uint8`` (a NumPy array or, for encoded images, a tf.Tensor).
 
     ``images`` is a list of encoded images (JPEG/PNG bytes: decoded with ``tf.io.decode_image``, as
     OpenVLA's dlimp pipeline does, so the pixels match libjpeg-turbo-in-TF exactly) or a decoded
     ``[T, H, W, 3] uint8`` array (CALVIN). Each distinct frame is decoded once; decoded frames stay
     tensors (``tf.gather`` / ``tf.stack``) so the resize gets them without NumPy round trips, which on
-    this machine cost as much as the decode (~0.5 ms per 256x256 frame in copies).
+    this machine cost as much as the decode (~0.5 ms per 256x256 frame in copies). Every frame must
+    have ``expected_shape`` (``(H, W, 3)``; default: the first one decoded) -- the encoder passes the
+    shape of the episode's first frame, so the check spans the episode's chunks.
     """
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -418,22 +472,32 @@ def decode_frames(images, indices: np.ndarray):
     decoded = []
     for i in unique:
         frame = tf.io.decode_image(images[int(i)], channels=3, expand_animations=False, dtype=tf.uint8)
-        if decoded and frame.shape != decoded[0].shape:
-            raise ValueError(f"expected every frame of the episode to be {tuple(decoded[0].shape)!r}, got {tuple(frame.shape)!r} at step {int(i)}")
+        reference = expected_shape if expected_shape is not None else (tuple(decoded[0].shape) if decoded else None)
+        if reference is not None and tuple(frame.shape) != tuple(reference):
+            raise ValueError(f"expected every frame of the episode to be {tuple(reference)!r}, got {tuple(frame.shape)!r} at step {int(i)}")
         decoded.append(frame)
     stacked = tf.stack(decoded)
     return stacked if len(unique) == len(indices) and np.array_equal(unique, indices) else tf.gather(stacked, inverse.reshape(-1))
 
 
+def resize_batch_size(height: int, width: int, size: int) -> int:
+    """Frames per TF resize call: at most MAX_RESIZE_BATCH, and as many as keep the call's float32
+    working set (input, one separable pass, output and its rounding: ``12 * (H*W + H*S + 2*S*S)`` bytes
+    a frame) under RESIZE_BATCH_BYTES."""
+    per_frame = 12 * (height * width + height * size + 2 * size * size)
+    return max(1, min(MAX_RESIZE_BATCH, RESIZE_BATCH_BYTES // per_frame))
+
+
 def resize_frames(frames, size: int) -> np.ndarray:
     """``[K, H, W, 3] uint8`` -> ``[K, S, S, 3] uint8`` exactly as OpenVLA: ``tf.image.resize(...,
     method="lanczos3", antialias=True)``, rounded (half to even, like ``tf.round``), clamped to
-    [0, 255] and cast (``tf.saturate_cast`` == clip_by_value + cast). Batched per episode."""
+    [0, 255] and cast (``tf.saturate_cast`` == clip_by_value + cast). Batched by ``resize_batch_size``."""
     import tensorflow as tf
 
     out = np.empty((frames.shape[0], size, size, 3), np.uint8)
-    for start in range(0, frames.shape[0], MAX_RESIZE_BATCH):
-        batch = frames[start : start + MAX_RESIZE_BATCH]
+    step = resize_batch_size(int(frames.shape[1]), int(frames.shape[2]), size)
+    for start in range(0, frames.shape[0], step):
+        batch = frames[start : start + step]
         resized = tf.image.resize(batch, (size, size), method="lanczos3", antialias=True)
         out[start : start + batch.shape[0]] = tf.saturate_cast(tf.round(resized), tf.uint8).numpy()
     return out
@@ -479,12 +543,19 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------
-# One episode -> its rows
+# One episode -> its rows, chunk by chunk
 # --------------------------------------------------------------------------------------------------
 
 
 def _fixed_size_list(values: np.ndarray, width: int, value_type: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), width)
+
+
+def _int32_lists(values) -> pa.ListArray:
+    """A ``[K, L]`` array (one prompt) or a list of K rows of different lengths -> list<int32>."""
+    if isinstance(values, np.ndarray):
+        return _regular_list(values)
+    return pa.array([np.asarray(v, np.int32) for v in values], pa.list_(pa.int32()))
 
 
 def _regular_list(values: np.ndarray) -> pa.ListArray:
@@ -494,74 +565,249 @@ def _regular_list(values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.int32()))
 
 
+def _buffer_counts(array: pa.Array) -> list[tuple[str, int]]:
+    """The buffers an Arrow IPC writer writes for ``array`` (no nulls), in order, as (kind, count):
+    ``validity`` (empty without nulls), ``offsets`` (count = rows; 4 * (rows + 1) bytes), ``bits``
+    (bit-packed booleans) or ``bytes``. Counts add up over chunks: the whole episode's layout is the
+    sum of its chunks'. Slices count only the rows they hold."""
+    kind = array.type
+    if array.null_count:
+        raise ValueError(f"expected no nulls in a shard column, got {array.null_count} in a {kind} column")
+    rows = len(array)
+    if pa.types.is_boolean(kind):
+        return [("validity", 0), ("bits", rows)]
+    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        data = pc.sum(pc.binary_length(array)).as_py() or 0
+        return [("validity", 0), ("offsets", rows), ("bytes", int(data))]
+    if pa.types.is_list(kind):
+        return [("validity", 0), ("offsets", rows)] + _buffer_counts(array.flatten())
+    if pa.types.is_fixed_size_list(kind):
+        return [("validity", 0)] + _buffer_counts(array.flatten())
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return [("validity", 0), ("bytes", rows * kind.bit_width // 8)]
+    raise TypeError(f"expected a shard column type (string, binary, int, float, bool, lists of them), got {kind}")
+
+
+class _EpisodeLayout:
+    """The buffer sizes of an episode's rows as ONE record batch, added up chunk by chunk.
+
+    What the plan and the writer need of an episode was, before episodes were chunked, measured on
+    its one record batch: the size of its one-batch Arrow IPC file (``EpisodeRef.nbytes``, what shards
+    are filled with) and pyarrow's ``nbytes`` of it read back (``EpisodeRef.arrow_nbytes``, what the
+    row-group size divides). Both are functions of these sizes, so they are computed exactly without
+    ever holding the whole episode (``tests/pipelines/test_shards_long_episodes.py`` checks both
+    against a real one-batch file).
+    """
+
+    def __init__(self):
+        self.kinds: list[str] | None = None
+        self.counts: list[int] = []
+        self.rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        items = [item for column in batch.columns for item in _buffer_counts(column)]
+        if self.kinds is None:
+            self.kinds, self.counts = [k for k, _ in items], [0] * len(items)
+        elif [k for k, _ in items] != self.kinds:
+            raise ValueError("expected every chunk of an episode to have the same columns, got another layout")
+        for i, (_, count) in enumerate(items):
+            self.counts[i] += count
+        self.rows += batch.num_rows
+
+    def _lengths(self, offsets_extra: int) -> list[int]:
+        sizes = {"validity": lambda c: 0, "offsets": lambda c: 4 * (c + offsets_extra), "bits": lambda c: -(-c // 8), "bytes": lambda c: c}
+        return [sizes[k](c) for k, c in zip(self.kinds or (), self.counts)]
+
+    def ipc_body_bytes(self) -> int:
+        """Body of the one-batch IPC message: every buffer padded to 8 bytes (Arrow's IPC alignment)."""
+        return sum(-(-n // 8) * 8 for n in self._lengths(1))
+
+    def arrow_nbytes(self) -> int:
+        """``RecordBatch.nbytes`` of the one batch read back from IPC: offsets count 4 bytes per row,
+        booleans ceil(bits / 8), absent validity buffers nothing."""
+        return sum(self._lengths(0))
+
+
+def _ipc_file_size(batch: pa.RecordBatch) -> int:
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.size()
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodeRef:
-    """Where one encoded episode waits for its shard writer: an Arrow IPC file in the spill directory."""
+    """Where one encoded episode waits for its shard writer: an Arrow IPC file in the spill directory,
+    one record batch per chunk."""
 
     name: str  # file name inside the spill directory (a hash of the key: no paths, no collisions)
-    nbytes: int  # size of the IPC file ~ the rows' in-memory Arrow size; what the shard plan adds up
+    nbytes: int  # size of the rows as a one-batch IPC file ~ their in-memory Arrow size; what the shard plan adds up
     rows: int
+    arrow_nbytes: int  # pyarrow nbytes of the rows as one batch; the writer's row-group size divides it
 
 
 def spill_name(key: EpisodeKey) -> str:
     return hashlib.sha256("\0".join(key).encode("utf-8")).hexdigest()[:40] + ".arrow"
 
 
-def spill_episode(spill_dir: str, key: EpisodeKey, batch: pa.RecordBatch) -> EpisodeRef:
-    """Write the episode's rows as an Arrow IPC file (temp + rename: a retried bundle rewrites the
-    same bytes) and return its reference."""
+class _DigestWriter:
+    """A write-only file object passing bytes through to ``file`` while counting them and hashing them
+    (sha256). ``close`` leaves ``file`` open: its owner (``paths.open_write_atomic``) publishes it."""
+
+    def __init__(self, file):
+        self._file = file
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._file.write(view)
+        self._hash.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _write_ipc(sink, first: pa.RecordBatch, rest, layout: _EpisodeLayout) -> None:
+    """``first`` then every batch of ``rest`` (produced as they are written) into one IPC file."""
+    with pa.ipc.new_file(sink, first.schema) as writer:
+        batch = first
+        while batch is not None:
+            layout.add(batch)
+            writer.write_batch(batch)
+            batch = next(rest, None)
+
+
+def spill_episode(spill_dir: str, key: EpisodeKey, rows) -> EpisodeRef:
+    """Write the episode's rows -- one record batch, or an iterable of record batches in step order (the
+    encoder's chunks, produced while this writes) -- as one Arrow IPC file, a record batch per chunk,
+    and return its reference. Temp file + rename: a retried bundle rewrites the same bytes; an error
+    while the chunks are produced removes the temp file and propagates. Holds one chunk at a time."""
     name = spill_name(key)
+    batches = iter([rows] if isinstance(rows, pa.RecordBatch) else rows)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"expected at least one row for episode {key!r}, got none")
+    layout, alone = _EpisodeLayout(), _EpisodeLayout()
+    alone.add(first)
+    # The one-batch file = this file's header, schema, footer and first message metadata (their sizes do
+    # not depend on the row count) + the body of the whole episode as one message.
+    nbytes = _ipc_file_size(first) - alone.ipc_body_bytes()
     if paths.is_remote(spill_dir):
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        data = sink.getvalue()
-        paths.write_bytes_atomic(paths.join(spill_dir, name), data)
-        return EpisodeRef(name, data.size, batch.num_rows)
-    path = os.path.join(spill_dir, name)
-    tmp = os.path.join(spill_dir, f".tmp-{uuid.uuid4().hex}-{name}")
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return EpisodeRef(name, os.path.getsize(path), batch.num_rows)
-
-
-def load_spilled(spill_dir: str, ref: EpisodeRef) -> pa.RecordBatch:
-    """The episode's record batch, memory-mapped (no copy until Parquet encodes it)."""
-    if paths.is_remote(spill_dir):
-        reader = pa.ipc.open_file(pa.BufferReader(paths.read_bytes(paths.join(spill_dir, ref.name))))
+        with paths.open_write_atomic(paths.join(spill_dir, name)) as f, pa.PythonFile(_DigestWriter(f), mode="w") as sink:
+            _write_ipc(sink, first, batches, layout)
     else:
-        reader = pa.ipc.open_file(pa.memory_map(os.path.join(spill_dir, ref.name)))
-    if reader.num_record_batches != 1:
-        raise ValueError(f"expected one record batch in spilled episode {ref.name}, got {reader.num_record_batches}")
-    batch = reader.get_batch(0)
-    if batch.num_rows != ref.rows:
-        raise ValueError(f"expected {ref.rows} rows in spilled episode {ref.name}, got {batch.num_rows}")
-    return batch
+        path = os.path.join(spill_dir, name)
+        tmp = os.path.join(spill_dir, f".tmp-{uuid.uuid4().hex}-{name}")
+        try:
+            with pa.OSFile(tmp, "wb") as sink:
+                _write_ipc(sink, first, batches, layout)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return EpisodeRef(name, nbytes + layout.ipc_body_bytes(), layout.rows, layout.arrow_nbytes())
+
+
+def read_spilled(spill_dir: str, ref: EpisodeRef):
+    """The episode's record batches (its chunks), read one at a time (never memory-mapped: a 20,000-step
+    episode's pages would all count in the worker's memory); checks the row count at the end."""
+    path = paths.join(spill_dir, ref.name)
+    source = pa.PythonFile(paths.open_read(path), mode="r") if paths.is_remote(spill_dir) else pa.OSFile(path, "rb")
+    rows = 0
+    with source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            rows += batch.num_rows
+            yield batch
+    if rows != ref.rows:
+        raise ValueError(f"expected {ref.rows} rows in spilled episode {ref.name}, got {rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpilledEpisode:
+    """An episode's rows in the spill directory, as the shard writer reads them (chunk by chunk)."""
+
+    spill_dir: str
+    ref: EpisodeRef
+
+    @property
+    def rows(self) -> int:
+        return self.ref.rows
+
+    @property
+    def arrow_nbytes(self) -> int:
+        return self.ref.arrow_nbytes
+
+    def batches(self):
+        return read_spilled(self.spill_dir, self.ref)
+
+
+class _InMemoryEpisode:
+    """An episode's rows already in memory (one record batch or its chunks): tests and small tools."""
+
+    def __init__(self, batches: Sequence[pa.RecordBatch]):
+        self._batches = list(batches)
+        layout = _EpisodeLayout()
+        for batch in self._batches:
+            layout.add(batch)
+        self.rows, self.arrow_nbytes = layout.rows, layout.arrow_nbytes()
+
+    def batches(self):
+        return iter(self._batches)
+
+
+def _episode_rows(value):
+    """A ``write_shard_file`` item's rows: a SpilledEpisode, a record batch or a list of record batches."""
+    if isinstance(value, pa.RecordBatch):
+        return _InMemoryEpisode([value])
+    if isinstance(value, (list, tuple)):
+        return _InMemoryEpisode(value)
+    return value
 
 
 class EpisodeEncoder:
-    """``Episode`` -> ``(EpisodeKey, pa.RecordBatch of its rows)`` or a ``QuarantineRecord``.
+    """``Episode`` -> ``(EpisodeKey, rows)`` or a ``QuarantineRecord``.
 
     Holds the prompt tokenizer (one per worker: ``HFPromptIds`` or ``BackendPromptIds``; a bare HF
     tokenizer is wrapped in ``HFPromptIds``) and a small instruction -> prompt ids cache. Per
-    episode everything is vectorized over steps: normalization, action tokens, chunks and the
-    ``[T, L]`` id / label matrices; the prompt is tokenized once; the frames are decoded once and
-    resized in one TF call.
+    episode, what scales with steps only is vectorized over all of them at once (normalization, action
+    tokens, chunk indices: ``[T, D]`` and ``[T, N]`` arrays, the prompt tokenized once); what scales
+    with steps x pixels is done ``chunk_rows`` steps at a time (``EpisodeRows``), so the memory of an
+    encoder does not grow with the episode's length.
     """
 
-    def __init__(self, options: ShardOptions, specs: Mapping[str, DatasetSpec], action_stats: Mapping[str, dict], tokenizer):
+    def __init__(self, options: ShardOptions, specs: Mapping[str, DatasetSpec], action_stats: Mapping[str, dict], tokenizer,
+                 chunk_rows: int | None = None):
         self.options = options
         self.specs = dict(specs)
         self.action_stats = dict(action_stats)
         self.prompts = tokenizer if isinstance(tokenizer, (HFPromptIds, BackendPromptIds)) else HFPromptIds(tokenizer)
         self.action_tokenizer = options.action_tokenizer()
         self.schema = options.schema()
+        self.chunk_rows = int(chunk_rows) if chunk_rows is not None else default_chunk_rows(options)
+        if self.chunk_rows < 1:
+            raise ValueError(f"expected chunk_rows >= 1, got {chunk_rows!r}")
         self._prefix_cache: dict[str, list[int]] = {}
 
     def prefix_ids(self, instruction: str) -> list[int]:
@@ -572,80 +818,70 @@ class EpisodeEncoder:
             ids = self._prefix_cache[instruction] = self.prompts.prefix_ids(instruction)
         return ids
 
-    def encode(self, episode: Episode):
-        """-> ``(key, record batch)`` or ``QuarantineRecord`` (stage "transform" or "shard")."""
+    def encode(self, episode: Episode, spill_dir: str | None = None):
+        """-> ``(key, rows)`` or ``QuarantineRecord`` (stage "transform" or "shard").
+
+        With ``spill_dir`` (the pipeline), rows is the ``EpisodeRef`` of the episode spilled there chunk
+        by chunk; without, the episode's rows as one record batch (whole in memory: tests, short
+        episodes). The bytes of the rows are the same either way."""
         name, episode_id = episode.dataset_name, episode.episode_id
         if not episode.language.strip():
             return QuarantineRecord(name, episode_id, STAGE_SHARD, EMPTY_LANGUAGE_REASON)
         try:
             record = transform_episode(episode, self.specs[name])
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+        except EmptyTrajectoryError as e:  # statistics count it (as OpenVLA); there is no row to write
+            return QuarantineRecord(name, episode_id, STAGE_TRANSFORM, f"{EMPTY_TRAJECTORY_REASON}: {e}")
+        except ValueError as e:  # the transform's contract (TransformError); anything else is a bug
             return QuarantineRecord(name, episode_id, STAGE_TRANSFORM, f"{type(e).__name__}: {e}")
         import tensorflow as tf  # a corrupt image raises tf.errors.InvalidArgumentError (an OpError)
 
+        split = heldout_split(self.options.seed, self.options.heldout_fraction, name, episode_id)
+        key = (split, name, episode_id)
         try:
-            batch = self.episode_batch(episode, record.trajectory)
+            rows = self.episode_rows(episode, record.trajectory)
+            if spill_dir is None:
+                out = pa.Table.from_batches(list(rows.batches()), schema=self.schema).combine_chunks().to_batches()[0]
+            else:
+                out = spill_episode(spill_dir, key, rows.batches())
         except (ValueError, KeyError, IndexError, tf.errors.OpError) as e:
             message = (str(e).strip().splitlines() or [""])[0][:300]
             return QuarantineRecord(name, episode_id, STAGE_SHARD, f"{type(e).__name__}: {message}")
-        split = heldout_split(self.options.seed, self.options.heldout_fraction, name, episode_id)
-        return (split, name, episode_id), batch
+        return key, out
 
-    def episode_batch(self, episode: Episode, trajectory) -> pa.RecordBatch:
-        """The episode's rows as one record batch of ``options.schema()`` (T = trajectory steps)."""
+    def episode_rows(self, episode: Episode, trajectory) -> EpisodeRows:
+        """The whole-episode part of the rows (T = trajectory steps) and every check that needs no pixels."""
         opts = self.options
         action = np.ascontiguousarray(trajectory.action, dtype=np.float32)  # [T, D]
         t, d = action.shape
+        if t == 0:
+            raise ValueError("expected at least one step after the dataset transform, got 0")
         n = opts.action_chunk
         normalized = normalize_actions(action, self.action_stats[episode.dataset_name], opts.normalization)  # [T, D]
         tokens = self.action_tokenizer.encode(normalized).astype(np.int32)  # [T, D]
-        index, mask = chunk_indices(t, n)  # [T, N]
-        action_ids = tokens[index].reshape(t, n * d)  # [T, N*D] row-major, step t first
-
-        prefix = self.prefix_ids(episode.language)
-        length = len(prefix) + n * d + 1
+        index, mask = chunk_indices(t, n)  # [T, N]: row t looks ahead to t+N-1, across chunk boundaries
+        steps = trajectory.step_index.astype(np.int64)  # [T] source step of each row
+        # OpenVLA's prompt uses each step's own instruction (RLDS stores one per step).
+        instructions = [episode.instruction_at(int(i)) for i in steps]
+        prefixes = {text: self.prefix_ids(text) for text in dict.fromkeys(instructions)}
+        longest = max(len(p) for p in prefixes.values())
+        length = longest + n * d + 1
         if length > opts.model_max_length:
             raise ValueError(
                 f"expected prompt + {n * d} action ids + EOS within the tokenizer's model_max_length "
-                f"{opts.model_max_length}, got {length} ids ({len(prefix)} prompt ids)"
+                f"{opts.model_max_length}, got {length} ids ({longest} prompt ids)"
             )
-        input_ids = np.empty((t, length), np.int32)  # [T, L]: prefix ++ action ids ++ EOS
-        input_ids[:, : len(prefix)] = np.asarray(prefix, np.int32)
-        input_ids[:, len(prefix) : -1] = action_ids
-        input_ids[:, -1] = opts.eos_id
-        labels = input_ids.copy()
-        labels[:, : len(prefix)] = LABEL_IGNORE
-        verify_training_rows(input_ids, labels, action_ids, opts.eos_id)
+        rows = EpisodeRows(self, episode, steps, action, normalized, tokens, index, mask, instructions, prefixes)
         if opts.tokenization == TEXT_ROUND_TRIP:
-            self._check_text_round_trip(episode.language, input_ids[0], action_ids[0])
-
-        steps = trajectory.step_index.astype(np.int64)  # source step of each output step
-        columns = {
-            "dataset_name": pa.array([episode.dataset_name] * t, pa.string()),
-            "episode_id": pa.array([episode.episode_id] * t, pa.string()),
-            "step_index": pa.array(np.arange(t, dtype=np.int32)),
-            "num_steps": pa.array(np.full(t, t, np.int32)),
-            "instruction": pa.array([episode.language] * t, pa.string()),
-            "input_ids": _regular_list(input_ids),
-            "labels": _regular_list(labels),
-            "action_token_ids": _fixed_size_list(action_ids, n * d, pa.int32()),
-            "action": _fixed_size_list(action, d, pa.float32()),
-            "normalized_action": _fixed_size_list(normalized, d, pa.float32()),
-            "action_chunk": _fixed_size_list(action[index], n * d, pa.float32()),
-            "action_chunk_mask": _fixed_size_list(mask, n, pa.bool_()),
-            "normalized_action_chunk": _fixed_size_list(normalized[index], n * d, pa.float32()),
-        }
+            for text in prefixes:  # one full-text tokenization per distinct instruction
+                row = instructions.index(text)
+                input_ids, _, action_ids = rows.ids(row, row + 1)
+                self._check_text_round_trip(text, np.asarray(input_ids[0]), np.asarray(action_ids[0]))
         if opts.proprio_dim:
             proprio = np.ascontiguousarray(trajectory.proprio, dtype=np.float32)  # [T, P]
             if proprio.shape != (t, opts.proprio_dim):
                 raise ValueError(f"expected proprio [T, {opts.proprio_dim}] like the run's other episodes, got {proprio.shape!r}")
-            columns["proprio"] = _fixed_size_list(proprio, opts.proprio_dim, pa.float32())
-        for role in opts.cameras:
-            if role not in episode.images:
-                raise ValueError(f"expected {role} camera images in the episode, got roles {sorted(episode.images)!r}")
-            frames = resize_frames(decode_frames(episode.images[role], steps), opts.image_size)  # [T, S, S, 3]
-            columns[f"image_{role}"] = pa.array([encode_png(f) for f in frames], pa.binary())
-        return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
+            rows.proprio = proprio
+        return rows
 
     def _check_text_round_trip(self, instruction: str, input_ids: np.ndarray, action_ids: np.ndarray) -> None:
         """One full-text tokenization per episode: it must equal the prefix path's ids (the probe said so)."""
@@ -654,6 +890,139 @@ class EpisodeEncoder:
                 "expected the prompt ids + action ids to equal the tokenization of OpenVLA's full text "
                 f"(tokenization {TEXT_ROUND_TRIP}), got a difference for instruction {instruction!r}"
             )
+
+
+def default_chunk_rows(options: ShardOptions) -> int:
+    """Steps per chunk: CHUNK_ROWS, fewer when their output pixels (all cameras) pass CHUNK_PIXEL_BYTES."""
+    per_row = options.image_size * options.image_size * 3 * len(options.cameras)
+    return max(1, min(CHUNK_ROWS, CHUNK_PIXEL_BYTES // per_row))
+
+
+class EpisodeRows:
+    """One episode's rows, produced ``encoder.chunk_rows`` steps at a time by ``batches()``.
+
+    Holds the whole-episode arrays that scale with steps only (``action``, ``normalized``, ``tokens``:
+    ``[T, D]``; ``index``, ``mask``: ``[T, N]``; ``proprio``: ``[T, P]``; ``steps``: ``[T]`` source
+    steps) and, per camera, the shape of its first frame. Pixels exist one chunk at a time: its frames
+    are decoded, resized and PNG-encoded in groups of ``resize_batch_size``.
+
+    Errors come out as they did when an episode was one batch (the quarantine reason is part of the
+    output): a camera's frames were all decoded before the next camera's, so an error in a later
+    camera is reported only once the earlier cameras' remaining frames decode (``_first_error``).
+    """
+
+    def __init__(self, encoder: EpisodeEncoder, episode: Episode, steps, action, normalized, tokens, index, mask,
+                 instructions: list[str], prefixes: dict[str, list[int]]):
+        self.encoder = encoder
+        self.episode = episode
+        self.steps = steps
+        self.action = action
+        self.normalized = normalized
+        self.tokens = tokens
+        self.index = index
+        self.mask = mask
+        self.instructions = instructions  # [T] each row's instruction (its source step's)
+        self.prefixes = prefixes  # instruction -> prompt ids (BOS + prompt)
+        self.proprio = None
+        self.frame_shapes: dict[str, tuple] = {}
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.action.shape[0])
+
+    def ids(self, start: int, stop: int):
+        """``(input_ids, labels, action_ids [K, N*D])`` int32 of rows start..stop-1, checked. ``input_ids``
+        and ``labels`` are ``[K, L]`` arrays, or lists of K rows when the rows' instructions differ."""
+        opts = self.encoder.options
+        k, d = stop - start, self.action.shape[1]
+        action_ids = self.tokens[self.index[start:stop]].reshape(k, opts.action_chunk * d)  # row-major, step t first
+        runs = []  # (first row, last row + 1, prompt ids) of consecutive rows with one instruction
+        for row in range(start, stop):
+            if runs and self.instructions[row] == self.instructions[runs[-1][0]]:
+                runs[-1][1] = row + 1
+            else:
+                runs.append([row, row + 1, self.prefixes[self.instructions[row]]])
+        parts = []
+        for first, end, prefix in runs:
+            ids = action_ids[first - start : end - start]
+            input_ids = np.empty((end - first, len(prefix) + ids.shape[1] + 1), np.int32)  # prefix ++ action ids ++ EOS
+            input_ids[:, : len(prefix)] = np.asarray(prefix, np.int32)
+            input_ids[:, len(prefix) : -1] = ids
+            input_ids[:, -1] = opts.eos_id
+            labels = input_ids.copy()
+            labels[:, : len(prefix)] = LABEL_IGNORE
+            verify_training_rows(input_ids, labels, ids, opts.eos_id)
+            parts.append((input_ids, labels))
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], action_ids
+        return [r for p in parts for r in p[0]], [r for p in parts for r in p[1]], action_ids
+
+    def batches(self):
+        """Record batches of rows [0, K), [K, 2K), ... (K = the encoder's chunk_rows), in step order."""
+        for start in range(0, self.num_rows, self.encoder.chunk_rows):
+            yield self.batch(start, min(self.num_rows, start + self.encoder.chunk_rows))
+
+    def batch(self, start: int, stop: int) -> pa.RecordBatch:
+        opts, schema = self.encoder.options, self.encoder.schema
+        episode, t, k = self.episode, self.num_rows, stop - start
+        n, d = opts.action_chunk, self.action.shape[1]
+        input_ids, labels, action_ids = self.ids(start, stop)
+        index = self.index[start:stop]  # [K, N]
+        columns = {
+            "dataset_name": pa.array([episode.dataset_name] * k, pa.string()),
+            "episode_id": pa.array([episode.episode_id] * k, pa.string()),
+            "step_index": pa.array(np.arange(start, stop, dtype=np.int32)),
+            "num_steps": pa.array(np.full(k, t, np.int32)),
+            "instruction": pa.array(self.instructions[start:stop], pa.string()),
+            "input_ids": _int32_lists(input_ids),
+            "labels": _int32_lists(labels),
+            "action_token_ids": _fixed_size_list(action_ids, n * d, pa.int32()),
+            "action": _fixed_size_list(self.action[start:stop], d, pa.float32()),
+            "normalized_action": _fixed_size_list(self.normalized[start:stop], d, pa.float32()),
+            "action_chunk": _fixed_size_list(self.action[index], n * d, pa.float32()),
+            "action_chunk_mask": _fixed_size_list(self.mask[start:stop], n, pa.bool_()),
+            "normalized_action_chunk": _fixed_size_list(self.normalized[index], n * d, pa.float32()),
+        }
+        if self.proprio is not None:
+            columns["proprio"] = _fixed_size_list(self.proprio[start:stop], opts.proprio_dim, pa.float32())
+        import tensorflow as tf
+
+        for position, role in enumerate(opts.cameras):
+            try:
+                columns[f"image_{role}"] = pa.array(self.pngs(role, start, stop), pa.binary())
+            except (ValueError, KeyError, IndexError, tf.errors.OpError) as e:
+                raise self._first_error(position, stop, e) from None
+        return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+    def pngs(self, role: str, start: int, stop: int, encode: bool = True) -> list[bytes]:
+        """The PNGs of camera ``role`` for rows start..stop-1 (``encode=False``: only decode and check)."""
+        if role not in self.episode.images:
+            raise ValueError(f"expected {role} camera images in the episode, got roles {sorted(self.episode.images)!r}")
+        images, size = self.episode.images[role], self.encoder.options.image_size
+        out = []
+        position = start
+        while position < stop:
+            shape = self.frame_shapes.get(role)
+            take = 1 if shape is None else resize_batch_size(shape[0], shape[1], size)  # [take, H, W, 3] at a time
+            frames = decode_frames(images, self.steps[position : min(stop, position + take)], expected_shape=shape)
+            self.frame_shapes.setdefault(role, tuple(int(x) for x in frames.shape[1:]))
+            if encode:
+                out.extend(encode_png(frame) for frame in resize_frames(frames, size))
+            position += int(frames.shape[0])
+        return out
+
+    def _first_error(self, position: int, stop: int, error: Exception) -> Exception:
+        """The error a whole-episode pass would have met first: one in an earlier camera's later frames
+        (decoded only, to find it) before ``error`` in camera ``position`` at rows before ``stop``."""
+        import tensorflow as tf
+
+        for role in self.encoder.options.cameras[:position]:
+            for start in range(stop, self.num_rows, self.encoder.chunk_rows):
+                try:
+                    self.pngs(role, start, min(self.num_rows, start + self.encoder.chunk_rows), encode=False)
+                except (ValueError, KeyError, IndexError, tf.errors.OpError) as earlier:
+                    return earlier
+        return error
 
 
 def verify_training_rows(input_ids: np.ndarray, labels: np.ndarray, action_ids: np.ndarray, eos_id: int) -> None:
@@ -738,68 +1107,144 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def check_episode_batch(batch: pa.RecordBatch, key: EpisodeKey) -> None:
-    """The reader-side invariant: one episode, rows in step order 0..T-1, num_steps == T."""
-    t = batch.num_rows
+def check_episode_batch(batch: pa.RecordBatch, key: EpisodeKey, start: int = 0, num_steps: int | None = None) -> None:
+    """The reader-side invariant, per chunk: rows start..start+K-1 of one episode of ``num_steps`` steps
+    (default: this batch is the whole episode), in step order, each with num_steps == T."""
+    k = batch.num_rows
+    t = k if num_steps is None else num_steps
     steps = batch.column("step_index").to_numpy()
-    if t == 0 or not np.array_equal(steps, np.arange(t)) or not np.all(batch.column("num_steps").to_numpy() == t):
-        raise ValueError(f"expected rows of episode {key!r} in step order 0..{t - 1} with num_steps {t}, got others")
+    if k == 0 or not np.array_equal(steps, np.arange(start, start + k)) or not np.all(batch.column("num_steps").to_numpy() == t):
+        raise ValueError(f"expected rows {start}..{start + k - 1} of episode {key!r} in step order with num_steps {t}, got others")
+
+
+def _one_batch(pieces: list, schema: pa.Schema) -> pa.RecordBatch:
+    if len(pieces) == 1:
+        return pieces[0]
+    return pa.Table.from_batches(pieces, schema=schema).combine_chunks().to_batches()[0]
+
+
+def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: str):
+    """``[(key, rows)]`` in key order -> one ``pa.Table`` per Parquet row group (``row_group`` rows, the
+    last fewer), streamed from the episodes' chunks and checked on the way.
+
+    Each table holds one chunk per episode it covers (that episode's rows in the group, as one array):
+    exactly what ``pq.write_table`` saw when it sliced the table of whole-episode batches (one chunk per
+    episode) into row groups. The Parquet writer cuts pages per input array, so this -- not how the
+    encoder chunked the episode -- is what keeps the bytes of every file as they were. Memory: one row
+    group (<= ~ROW_GROUP_BYTES) plus one spilled chunk.
+    """
+    group, filled = [], 0
+    for key, episode in episodes:
+        pieces, start = [], 0
+        for batch in episode.batches():
+            validate_table_schema(batch.schema, schema, relpath)
+            check_episode_batch(batch, key, start, episode.rows)
+            start += batch.num_rows
+            offset = 0
+            while offset < batch.num_rows:
+                take = min(batch.num_rows - offset, row_group - filled)
+                pieces.append(batch.slice(offset, take))
+                offset += take
+                filled += take
+                if filled == row_group:
+                    group.append(_one_batch(pieces, schema))
+                    yield pa.Table.from_batches(group, schema=schema)
+                    group, pieces, filled = [], [], 0
+        if start != episode.rows:
+            raise ValueError(f"expected {episode.rows} rows of episode {key!r}, got {start}")
+        if pieces:
+            group.append(_one_batch(pieces, schema))
+    if group:
+        yield pa.Table.from_batches(group, schema=schema)
 
 
 def write_shard_file(
-    root: str, split: str, index: int, count: int, items: Sequence[tuple[EpisodeKey, pa.RecordBatch]], schema: pa.Schema, expected_episodes: int
+    root: str, split: str, index: int, count: int, items: Sequence[tuple[EpisodeKey, object]], schema: pa.Schema, expected_episodes: int
 ) -> dict:
     """Write ``root/<split>/shard-<index>-of-<count>.parquet`` (temp file + fsync + rename) -> file info.
 
-    Episodes in key order, each one's rows contiguous; zstd; row groups of ~1000 rows or ~64 MiB;
+    ``items``: ``(key, rows)`` per episode, rows a ``SpilledEpisode`` (the pipeline), a record batch or a
+    list of record batches (its chunks). Episodes in key order, each one's rows contiguous; zstd; row
+    groups of ~1000 rows or ~64 MiB (from the episodes' one-batch Arrow size, ``EpisodeRef.arrow_nbytes``);
     statistics for every non-image column; dictionary encoding only for the string columns.
+    Streamed: row group by row group from the spilled chunks into the file, hashed on the way, so a
+    shard of one 20,000-step episode takes one row group of memory, not the episode or the file.
     Idempotent: a retried bundle rewrites the same bytes.
     """
-    items = sorted(items, key=lambda kv: tuple(kv[0]))
-    if len(items) != expected_episodes:
-        raise RuntimeError(f"expected {expected_episodes} episodes for {split} shard {index}, got {len(items)}")
-    batches, per_dataset = [], {}
-    for key, batch in items:
-        check_episode_batch(batch, key)
-        batches.append(batch)
+    episodes = sorted(((tuple(key), _episode_rows(value)) for key, value in items), key=lambda kv: kv[0])
+    if len(episodes) != expected_episodes:
+        raise RuntimeError(f"expected {expected_episodes} episodes for {split} shard {index}, got {len(episodes)}")
+    per_dataset = {}
+    for key, episode in episodes:
         counts = per_dataset.setdefault(key[1], {"episodes": 0, "rows": 0})
         counts["episodes"] += 1
-        counts["rows"] += batch.num_rows
+        counts["rows"] += episode.rows
     relpath = shard_relpath(split, index, count)
-    table = pa.Table.from_batches(batches, schema=schema)
-    validate_table_schema(table.schema, schema, relpath)
-    rows = table.num_rows
-    row_bytes = max(1, table.nbytes // max(1, rows))
+    rows = sum(episode.rows for _, episode in episodes)
+    row_bytes = max(1, sum(episode.arrow_nbytes for _, episode in episodes) // max(1, rows))
     row_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
     binary = [f.name for f in schema if f.type == pa.binary()]
     path = paths.join(root, relpath)
-    # Encoded in memory (a shard is at most --target-shard-mb, already held as the table), then
-    # published in one atomic write: the same code for local disks and object stores, and the digest
-    # comes from the buffer instead of a second read.
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=row_group,
-        compression=PARQUET_COMPRESSION,
-        compression_level=PARQUET_COMPRESSION_LEVEL,
-        use_dictionary=[f.name for f in schema if f.type == pa.string()],
-        write_statistics=[f.name for f in schema if f.name not in binary],
-    )
-    data = sink.getvalue()
-    paths.write_bytes_atomic(path, data)
+    with paths.open_write_atomic(path) as f:
+        digest = _DigestWriter(f)
+        with pa.PythonFile(digest, mode="w") as sink, pq.ParquetWriter(
+            sink,
+            schema,
+            compression=PARQUET_COMPRESSION,
+            compression_level=PARQUET_COMPRESSION_LEVEL,
+            use_dictionary=[f.name for f in schema if f.type == pa.string()],
+            write_statistics=[f.name for f in schema if f.name not in binary],
+        ) as writer:
+            for table in _row_groups(episodes, row_group, schema, relpath):
+                writer.write_table(table, row_group_size=row_group)
     return {
         "path": relpath,
         "split": split,
         "shard_index": index,
         "num_shards": count,
         "rows": rows,
-        "episodes": len(items),
-        "bytes": data.size,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "episodes": len(episodes),
+        "bytes": digest.size,
+        "sha256": digest.hexdigest(),
         "row_groups": -(-rows // row_group),
         "datasets": dict(sorted(per_dataset.items())),
     }
+
+
+def _dataset_pieces(parquet: pq.ParquetFile, dataset: str, schema: pa.Schema):
+    """``(episode_id, record batch)`` runs of ``dataset``'s rows, in file order, CHUNK_ROWS rows at a time."""
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+        batch = batch.filter(pc.equal(batch.column("dataset_name"), dataset))
+        if batch.num_rows == 0:
+            continue
+        if batch.schema != schema:
+            batch = pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
+        ids = batch.column("episode_id").to_pylist()
+        start = 0
+        for end in [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]:
+            yield ids[start], batch.slice(start, end - start)
+            start = end
+
+
+def reload_shard_episodes(path: str, sha256: str, dataset: str, spill_dir: str, schema: pa.Schema):
+    """A previous shard file -> ``(EpisodeKey, EpisodeRef)`` for each of ``dataset``'s episodes in it,
+    spilled like freshly encoded ones (same ``EpisodeRef`` sizes, so the same plan and bytes).
+
+    The file's sha256 is checked first (a streaming read): a changed file fails the run. Then it is
+    read a batch of CHUNK_ROWS rows at a time (Parquet decodes a row group at a time), so a reused
+    20,000-step episode takes the memory of a new one, not of its shard file."""
+    if file_sha256(path) != sha256:
+        raise RuntimeError(
+            f"expected {path} to have sha256 {sha256} as its manifest says, got another digest; "
+            "hint: the previous output was modified, delete it to rebuild from the sources"
+        )
+    split = paths.basename(paths.dirname(path))
+    source = pa.PythonFile(paths.open_read(path), mode="r") if paths.is_remote(path) else pa.OSFile(path, "rb")
+    with source:
+        pieces = _dataset_pieces(pq.ParquetFile(source), dataset, schema)
+        for episode_id, run in itertools.groupby(pieces, key=lambda piece: piece[0]):  # an episode's rows are contiguous
+            key = (split, dataset, episode_id)
+            yield key, spill_episode(spill_dir, key, (batch for _, batch in run))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -844,22 +1289,21 @@ class _EncodeEpisodeFn(beam.DoFn):
         paths.makedirs(self._spill_dir)
 
     def process(self, episode: Episode):
-        result = self._encoder.encode(episode)
+        result = self._encoder.encode(episode, self._spill_dir)
         if isinstance(result, QuarantineRecord):
             beam.metrics.Metrics.counter(_NAMESPACE, f"quarantined_{result.stage}").inc()
             yield beam.pvalue.TaggedOutput(QUARANTINE, result)
             return
-        key, batch = result
         beam.metrics.Metrics.counter(_NAMESPACE, "shard_episodes_encoded").inc()
-        yield key, spill_episode(self._spill_dir, key, batch)
+        yield result
 
 
 class EncodeEpisodes(beam.PTransform):
     """PCollection[Episode] -> {"encoded": PCollection[(EpisodeKey, EpisodeRef)], "quarantine": PCollection[QuarantineRecord]}.
 
     Per episode: empty-language check, the dataset transform (``stats.transform_episode``, the same
-    one statistics use, here next to the images it needs), then its rows as one record batch, spilled
-    to an Arrow IPC file in ``spill_dir``. Only the small ``EpisodeRef`` travels through the shuffle:
+    one statistics use, here next to the images it needs), then its rows, chunk by chunk, spilled to
+    an Arrow IPC file in ``spill_dir``. Only the small ``EpisodeRef`` travels through the shuffle:
     the rows (mostly PNG bytes) would otherwise pass through the runner's shuffle -- for the local
     FnApiRunner that is its own process memory, which both limits the dataset size and cost as much
     as decoding and resizing (measured: ~1 ms per 150 KB row). ``spill_dir`` must be visible to every
@@ -899,7 +1343,7 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element, plan: ShardPlan):
         (split, index), refs = element
-        items = [(key, load_spilled(self._spill_dir, ref)) for key, ref in refs]
+        items = [(key, SpilledEpisode(self._spill_dir, ref)) for key, ref in refs]
         info = write_shard_file(self._root, split, index, plan.num_shards(split), items, self._schema, plan.episodes[split][index])
         beam.metrics.Metrics.counter(_NAMESPACE, "shard_files_written").inc()
         beam.metrics.Metrics.counter(_NAMESPACE, "shard_rows_written").inc(info["rows"])

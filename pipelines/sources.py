@@ -11,9 +11,13 @@ Every input episode ends up in exactly one of the two. Element logic lives in pl
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
+import json
 import os
+import pickle
 import re
+import zlib
 from typing import Iterator, Sequence
 
 import apache_beam as beam
@@ -33,34 +37,90 @@ class SourceError(UserError):
     """The source path is not a readable dataset: fail the run at once, before any work."""
 
 
+class BrokenLinkError(SourceError):
+    """A path of the dataset is a symlink loop (ELOOP) or a symlink to nothing.
+
+    ``os.path.isdir``/``isfile`` answer False for both, which would read as "no dataset here" or skip the
+    entry silently; the user is told about the link instead, and a search never swallows this error.
+    """
+
+
+def _refuse_broken_link(path: str, what: str) -> None:
+    """Raise ``BrokenLinkError`` when local ``path`` is a symlink loop or a dangling symlink (remote: no links)."""
+    if paths.is_remote(path):
+        return
+    local = path[len("file://"):] if path.startswith("file://") else path
+    try:
+        os.stat(local)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BrokenLinkError(
+                f"expected {what}, got a symlink loop for {path!r}; hint: fix or remove the link"
+            ) from e
+        if e.errno == errno.ENOENT and os.path.islink(local):
+            raise BrokenLinkError(
+                f"expected {what}, got a symlink to nothing ({os.readlink(local)!r}) for {path!r}; "
+                "hint: fix or remove the link"
+            ) from e
+
+
+def _refuse_broken_links_in(directory: str, what: str) -> None:
+    """``_refuse_broken_link`` for every symlink directly inside local ``directory`` (one ``scandir``)."""
+    if paths.is_remote(directory):
+        return
+    with os.scandir(directory[len("file://"):] if directory.startswith("file://") else directory) as entries:
+        links = sorted(e.path for e in entries if e.is_symlink())
+    for link in links:
+        _refuse_broken_link(link, what)
+
+
 # --------------------------------------------------------------------------------------------------
 # RLDS
 # --------------------------------------------------------------------------------------------------
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+_METADATA_FILES = ("dataset_info.json", "features.json")
+
+
+def _version_dir(path: str) -> str:
+    """``path``, once none of its entries is a broken link (a looping shard must not read as "missing")."""
+    _refuse_broken_links_in(path, f"a file of the TFDS dataset in {path!r}")
+    return path
 
 
 def resolve_rlds_version_dir(path: str) -> str:
     """Accept a TFDS version dir (``.../name/1.0.0``), a dataset dir (``.../name``) or a data_dir
-    holding exactly one ``name/version``; return the version dir (the newest version if several)."""
+    holding exactly one ``name/version``; return the version dir (the newest version if several).
+
+    Raises ``SourceError`` for anything else, ``BrokenLinkError`` for a symlink loop (or a link to
+    nothing) met on the way, whether the path itself, its metadata, a version or a shard file."""
     path = path.rstrip("/") if paths.is_remote(path) else path
+    _refuse_broken_link(path, "an RLDS dataset directory")
     if not paths.isdir(path):
         raise SourceError(f"expected an RLDS dataset directory, got {path!r}, which does not exist")
-    if paths.isfile(paths.join(path, "dataset_info.json")):
-        return path
+    info = paths.join(path, "dataset_info.json")
+    _refuse_broken_link(info, "TFDS metadata (dataset_info.json)")
+    if paths.isfile(info):
+        return _version_dir(path)
     entries = paths.listdir(path)
+    for name in entries:
+        _refuse_broken_link(paths.join(path, name), f"a dataset or version directory in {path!r}")
+        if _VERSION_RE.match(name):
+            _refuse_broken_link(paths.join(path, name, "dataset_info.json"), "TFDS metadata (dataset_info.json)")
     versions = sorted(
         (d for d in entries if _VERSION_RE.match(d) and paths.isfile(paths.join(path, d, "dataset_info.json"))),
         key=lambda v: tuple(int(p) for p in v.split(".")),
     )
     if versions:
-        return paths.join(path, versions[-1])
+        return _version_dir(paths.join(path, versions[-1]))
     candidates = []
     for name in entries:
         sub = paths.join(path, name)
         if paths.isdir(sub):
             try:
                 candidates.append(resolve_rlds_version_dir(sub))
+            except BrokenLinkError:
+                raise
             except SourceError:
                 pass
     if len(candidates) == 1:
@@ -104,18 +164,74 @@ def tfds_metadata_dir(version_dir: str) -> str:
 
 
 def tfds_builder(version_dir: str):
-    import tensorflow_datasets as tfds
+    """``tfds.builder_from_directory`` of the dataset's metadata, its splits and features loaded.
 
-    return tfds.builder_from_directory(tfds_metadata_dir(version_dir))
+    TFDS answers damaged metadata with assorted exceptions (protobuf ``ParseError``, ``ValueError`` for a
+    bad version, ``TypeError`` for an unknown dtype...); they become one ``SourceError`` naming the file.
+    """
+    import tensorflow_datasets as tfds
+    from google.protobuf import json_format
+    from tensorflow_datasets.core.dataset_info import DatasetInfoFileError
+
+    local = tfds_metadata_dir(version_dir)
+    try:
+        builder = tfds.builder_from_directory(local)
+        _ = builder.info.splits, builder.info.features
+    except (json_format.ParseError, DatasetInfoFileError, ValueError, TypeError, KeyError) as e:
+        raise _metadata_error(version_dir, local, e) from e
+    return builder
+
+
+def _brief(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _metadata_error(version_dir: str, local: str, error: BaseException) -> SourceError:
+    """Which metadata file TFDS could not load, and why: the first that is not JSON, else the first
+    that TFDS's own reader of that file rejects (``dataset_info.json`` read first, as TFDS does)."""
+    import tensorflow_datasets as tfds
+    from google.protobuf import json_format
+    from tensorflow_datasets.core import dataset_info
+
+    hint = "hint: the file is truncated or damaged; restore it from the dataset's source"
+    for name in _METADATA_FILES:
+        try:
+            with open(os.path.join(local, name), "rb") as f:
+                json.loads(f.read())
+        except FileNotFoundError:
+            continue  # features.json is optional (older datasets keep features in dataset_info.json)
+        except OSError as e:
+            return SourceError(f"expected a readable {name}, got {_brief(e)} for {name} in {version_dir!r}")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            return SourceError(f"expected JSON, got {_brief(e)} for {name} in {version_dir!r}; {hint}")
+    try:
+        dataset_info.read_from_json(os.path.join(local, "dataset_info.json"))
+    except (json_format.ParseError, dataset_info.DatasetInfoFileError) as e:
+        return SourceError(f"expected TFDS dataset metadata, got {_brief(e)} for dataset_info.json in {version_dir!r}; {hint}")
+    if os.path.isfile(os.path.join(local, "features.json")):
+        try:
+            tfds.features.FeatureConnector.from_config(local)
+        except (json_format.ParseError, ValueError, TypeError, KeyError) as e:
+            return SourceError(f"expected TFDS features, got {_brief(e)} for features.json in {version_dir!r}; {hint}")
+    return SourceError(f"expected TFDS dataset metadata, got {_brief(error)} for dataset_info.json in {version_dir!r}; {hint}")
 
 
 def rlds_shard_files(version_dir: str) -> list[tuple[str, str, int]]:
-    """[(split, shard file name, number of records)] for every TFRecord shard of the dataset, sorted."""
+    """[(split, shard file name, number of records)] for every TFRecord shard of the dataset, sorted.
+
+    The number of records is what ``dataset_info.json`` declares (``shardLengths``); readers compare it
+    with what each file holds."""
     builder = tfds_builder(version_dir)
     out = []
     for split_name in sorted(builder.info.splits.keys()):
         split = builder.info.splits[split_name]
         for filename, length in zip(split.filenames, split.shard_lengths):
+            if int(length) < 0:
+                raise SourceError(
+                    f"expected a record count >= 0, got {int(length)} for shard {filename} (split {split_name!r}) "
+                    f"in the shardLengths of dataset_info.json in {version_dir!r}; hint: the file is damaged, restore it"
+                )
             out.append((split_name, filename, int(length)))
     return out
 
@@ -136,7 +252,13 @@ def _decode_text(value) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
-        return "".join(chr(int(c)) for c in value.reshape(-1) if c != 0)
+        codes = value.reshape(-1)
+        nul = np.flatnonzero(codes == 0)
+        codes = codes[: nul[0]] if len(nul) else codes  # the text ends at the first NUL, as OpenVLA decodes it
+        try:
+            return "".join(chr(int(c)) for c in codes)
+        except (ValueError, OverflowError) as e:  # outside 0..0x10FFFF
+            raise ValueError(f"expected Unicode code points in an integer-coded instruction, got {_brief(e)}") from e
     return str(value)
 
 
@@ -157,11 +279,10 @@ def decode_rlds_example(
                 "hint: check the registry entry's keys against the dataset's features.json"
             )
         kept[key] = np.asarray(steps[key])
-    language = ""
+    step_languages: tuple[str, ...] = ()
     if spec.language_key and spec.language_key in steps:
-        lang = steps[spec.language_key]
-        if len(lang):
-            language = _decode_text(lang[0])
+        step_languages = tuple(_decode_text(v) for v in steps[spec.language_key])  # OpenVLA reads every step's
+    language = next((t for t in step_languages if t.strip()), "")
     images = {}
     for role in image_roles:
         key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
@@ -178,7 +299,8 @@ def decode_rlds_example(
         else:
             images[role] = [bytes(b) for b in frames]
     return Episode(
-        dataset_name=spec.name, episode_id=episode_id, split=split, language=language, steps=kept, images=images
+        dataset_name=spec.name, episode_id=episode_id, split=split, language=language, steps=kept, images=images,
+        step_languages=step_languages,
     )
 
 
@@ -195,6 +317,12 @@ class RLDSShard:
 
 class CorruptRecordError(ValueError):
     """A TFRecord file whose framing or checksums are wrong (flipped bytes, truncation)."""
+
+
+class RecordDecodeError(ValueError):
+    """A record whose checksums are right but whose payload is not an episode of the dataset's
+    ``features.json``: not a ``tf.train.Example``, a step key missing, stored as another type, or values
+    that do not fit the declared shape. Its episode is quarantined; the run goes on."""
 
 
 _CRC_MASK_DELTA = 0xA282EAD8
@@ -254,6 +382,13 @@ def rlds_keys(spec: DatasetSpec, image_roles: Sequence[str] = ()) -> list[str]:
     return sorted(set(keys))
 
 
+def _proto_kind(np_dtype) -> str:
+    """The ``tf.train.Feature`` list TFDS serializes a dtype into (``example_serializer``): integers and
+    bools as ``int64_list``, floats as ``float_list``, strings and encoded tensors as ``bytes_list``."""
+    kind = np.dtype(np_dtype).kind
+    return "float_list" if kind == "f" else "int64_list" if kind in "iub" else "bytes_list"
+
+
 class RLDSParser:
     """Parse serialized RLDS episodes into flat ``{step key: [T, ...] array}`` dicts.
 
@@ -261,6 +396,12 @@ class RLDSParser:
     bytes of an episode (99% of it) are never turned into arrays, and no TensorFlow op runs per record.
     Tensor features stored encoded (``Tensor(..., encoding=zlib|bytes)``) are decoded per step with
     their own feature connector; image features stay encoded (JPEG/PNG bytes).
+
+    A record that is not an episode of the dataset's ``features.json`` raises ``RecordDecodeError``:
+    the ``tf.train.Example`` is decoded first (``DecodeError`` for garbage) and every wanted key checked
+    for presence and list type, which TFDS's parser does not do (it returns ``None`` for a missing key
+    and converts an ``int64_list`` into floats). Decoding the protobuf twice costs ~40 µs for a 2 MB
+    record: upb does not copy the bytes fields.
     """
 
     def __init__(self, version_dir: str, keys: Sequence[str], optional: Sequence[str] = ()):
@@ -287,27 +428,84 @@ class RLDSParser:
                 node = node.setdefault(part, {})
             node[leaf] = flat[key]
         self._parser = example_parser.ExampleParserNp(nested)
+        # (proto key, list kind, dtype) per wanted feature; a nested sequence is stored as ragged values.
+        self._kinds = tuple(
+            (
+                key if flat[key].sequence_rank < 2 else f"{key}/ragged_flat_values",
+                _proto_kind(flat[key].np_dtype),
+                flat[key].np_dtype,
+            )
+            for key in sorted(wanted)
+        )
         self._encoded = {}
         step_features = builder.info.features["steps"].feature
         for key in sorted(wanted):
-            connector = step_features
-            for part in key.split("/")[1:]:
-                connector = connector[part]
+            connector = _feature_at(step_features, key.split("/")[1:])
             if isinstance(connector, tfds.features.Tensor) and flat[key].np_dtype != connector.np_dtype and not isinstance(
                 connector, (tfds.features.Image, tfds.features.Text)
             ):
                 self._encoded[key[len("steps/"):]] = connector
 
     def parse(self, record: bytes) -> dict:
-        steps = _flatten(self._parser.parse_example(record)["steps"])
+        """One serialized episode -> ``{step key: [T, ...]}``; ``RecordDecodeError`` for bad data only."""
+        from google.protobuf.message import DecodeError
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        try:
+            features = tf_example_pb2.Example.FromString(record).features.feature
+        except DecodeError as e:
+            raise RecordDecodeError(
+                f"expected a serialized tf.train.Example, got {len(record)} bytes that do not decode ({_brief(e)})"
+            ) from e
+        for key, kind, dtype in self._kinds:
+            got = features[key].WhichOneof("kind") if key in features else None
+            if got != kind:
+                raise RecordDecodeError(
+                    f"expected feature {key!r} as {kind} ({np.dtype(dtype).name} in features.json), "
+                    f"got {got or 'no such feature'}"
+                )
+        try:
+            steps = _flatten(self._parser.parse_example(record)["steps"])
+        except (ValueError, OverflowError) as e:  # a value that does not convert, a size that does not reshape
+            raise RecordDecodeError(f"expected values that fit features.json, got {_brief(e)}") from e
+        except RuntimeError as e:
+            # TFDS re-raises an exception with a custom ``__str__`` (KeyError) as RuntimeError ``from`` it:
+            # a ragged key this dataset does not declare. Anything else is not about the data.
+            if not isinstance(e.__cause__, KeyError):
+                raise
+            raise RecordDecodeError(f"expected only features of features.json, got {_brief(e)}") from e
         for key, connector in self._encoded.items():
-            values = [connector.decode_example_np(v) for v in steps[key]]
+            try:
+                values = [connector.decode_example_np(v) for v in steps[key]]
+            except (ValueError, zlib.error) as e:
+                raise RecordDecodeError(f"expected encoded tensors of {key!r} that decode, got {_brief(e)}") from e
             steps[key] = np.stack(values) if values else np.zeros((0,) + tuple(connector.shape), connector.np_dtype)
         return steps
 
 
+def _feature_at(features, parts: Sequence[str]):
+    """The TFDS feature at ``parts`` of a flattened key, longest name first: a FeaturesDict key may
+    itself contain ``/`` (kuka's ``clip_function_input/base_pose_tool_reached``, bc_z's
+    ``future/xyz_residual``)."""
+    node, i = features, 0
+    while i < len(parts):
+        for j in range(len(parts), i, -1):
+            name = "/".join(parts[i:j])
+            if name in node.keys():
+                node, i = node[name], j
+                break
+        else:
+            raise KeyError("/".join(parts))
+    return node
+
+
 def rlds_parser(version_dir: str, keys: Sequence[str], optional: Sequence[str] = ()) -> RLDSParser:
     return RLDSParser(version_dir, keys, optional)
+
+
+def _shard_reason(shard: "RLDSShard", read: int, what: str) -> str:
+    """``<what> <file>: N of M declared records read (...)``: one kind per file before the first colon."""
+    return f"{what} {shard.filename}: {read} of {shard.num_records} declared records read (dataset_info.json shardLengths)"
 
 
 def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[str] = (), parser=None) -> Iterator:
@@ -316,12 +514,26 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
     The shard is the unit ``tfds.beam.ReadFromTFDS`` reads too; here its TFRecord file is parsed with
     TFDS's own ``ExampleParser`` restricted to the keys the consumer needs (``rlds_parser``), with
     ``steps`` left undecoded (Beam cannot pickle nested datasets). Stable ids come from the file name
-    and record index. A corrupt or truncated shard stops TFRecord reading at the bad record; every
-    record of the shard not read by then is quarantined, so the accounting still balances.
+    and record index: ``<split>/<file>/<index>``, declared records that never arrive included.
+
+    Every record ``dataset_info.json`` declares for the shard (``shard.num_records``) ends up as an
+    episode or a quarantine record (stage ``read``):
+      - a record that does not decode (``RecordDecodeError``) or is not an episode (``ValueError`` from
+        ``decode_rlds_example``): that record;
+      - a corrupt or truncated record (checksums, framing) or an unreadable file: every record from it on;
+      - a missing file: every declared record;
+      - a file that ends early at a record boundary (0 bytes, a cut copy): the records it lacks.
+    Records beyond the declared count are quarantined too, not read: the file and the metadata disagree
+    (a shard from another build, appended records), so nothing vouches for them, and reading them would
+    change the statistics without a trace; quarantined they stay counted and explained.
     """
     if parser is None:
         parser = rlds_parser(shard.version_dir, rlds_keys(spec, image_roles), optional=[spec.language_key] if spec.language_key else [])
     path = paths.join(shard.version_dir, shard.filename)
+
+    def quarantine(index: int, reason: str) -> QuarantineRecord:
+        return QuarantineRecord(spec.name, f"{shard.split}/{shard.filename}/{index}", "read", reason)
+
     # Every record's CRC32C is checked: that is how flipped bytes and truncation are caught.
     iterator = iter_tfrecord_file(path)
     index = 0
@@ -331,89 +543,47 @@ def read_rlds_shard(shard: RLDSShard, spec: DatasetSpec, image_roles: Sequence[s
         except StopIteration:
             break
         except (CorruptRecordError, OSError) as e:
+            if index == 0 and not paths.isfile(path):
+                beam.metrics.Metrics.counter(_NAMESPACE, "rlds_missing_shards").inc()
+                for lost in range(shard.num_records):
+                    yield quarantine(lost, _shard_reason(shard, 0, "missing shard file") + "; hint: restore the file")
+                return
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             beam.metrics.Metrics.counter(_NAMESPACE, "rlds_corrupt_shards").inc()
             for lost in range(index, max(index + 1, shard.num_records)):
-                yield QuarantineRecord(
-                    spec.name,
-                    f"{shard.split}/{shard.filename}/{lost}",
-                    "read",
-                    f"unreadable record in {shard.filename} (read {index} of {shard.num_records}): "
-                    f"{type(e).__name__}: {reason[:300]}",
+                yield quarantine(
+                    lost, _shard_reason(shard, index, "unreadable shard file") + f"; {type(e).__name__}: {reason[:300]}"
                 )
             return
-        episode_id = f"{shard.split}/{shard.filename}/{index}"
-        index += 1
+        i, index = index, index + 1
+        if i >= shard.num_records:
+            beam.metrics.Metrics.counter(_NAMESPACE, "rlds_undeclared_records").inc()
+            yield quarantine(
+                i,
+                f"undeclared record in {shard.filename}: record {i} is beyond the {shard.num_records} declared "
+                "records (dataset_info.json shardLengths); hint: restore the shard or regenerate dataset_info.json",
+            )
+            continue
         try:
-            yield decode_rlds_example(parser.parse(example), spec, episode_id, shard.split, image_roles)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError, IndexError) as e:
-            yield QuarantineRecord(spec.name, episode_id, "read", f"{type(e).__name__}: {e}")
-
-
-class _ReadRLDSShardFn(beam.DoFn):
-    def __init__(self, spec: DatasetSpec, image_roles: Sequence[str]):
-        self._spec = spec
-        self._image_roles = tuple(image_roles)
-        self._parsers = None
-
-    def setup(self):
-        self._parsers = {}  # version dir -> parser; built once per worker, not per shard
-
-    def process(self, shard: RLDSShard):
-        parser = self._parsers.get(shard.version_dir)
-        if parser is None:
-            optional = [self._spec.language_key] if self._spec.language_key else []
-            parser = self._parsers[shard.version_dir] = rlds_parser(shard.version_dir, rlds_keys(self._spec, self._image_roles), optional)
-        for item in read_rlds_shard(shard, self._spec, self._image_roles, parser):
-            if isinstance(item, QuarantineRecord):
-                beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_read").inc()
-                yield beam.pvalue.TaggedOutput(QUARANTINE, item)
-            else:
-                beam.metrics.Metrics.counter(_NAMESPACE, "episodes_read").inc()
-                yield item
-
-
-class ReadRLDS(beam.PTransform):
-    """PBegin -> {"episodes": PCollection[Episode], "quarantine": PCollection[QuarantineRecord]}.
-
-    Reads every split (or ``splits``) of a TFDS/RLDS dataset found with ``tfds.builder_from_directory``,
-    one element per TFRecord shard so shards are read in parallel.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        spec: DatasetSpec,
-        splits: Sequence[str] | None = None,
-        image_roles: Sequence[str] = (),
-        shard_files: Sequence[str] | None = None,
-    ):
-        super().__init__()
-        self._version_dir = resolve_rlds_version_dir(path)
-        self._spec = spec
-        self._image_roles = tuple(image_roles)
-        shards = []
-        per_split_index: dict[str, int] = {}
-        for split, filename, length in rlds_shard_files(self._version_dir):
-            index = per_split_index.get(split, 0)
-            per_split_index[split] = index + 1
-            if (splits is None or split in splits) and (shard_files is None or filename in shard_files):
-                shards.append(RLDSShard(self._version_dir, split, index, filename, length))
-        if splits is not None:
-            missing = sorted(set(splits) - set(per_split_index))
-            if missing:
-                raise SourceError(f"expected splits {missing!r} in {self._version_dir!r}, got {sorted(per_split_index)!r}")
-        self.shards = tuple(shards)
-        # Fail at once, on the launcher, if the dataset lacks a key its registry entry needs.
-        rlds_parser(self._version_dir, rlds_keys(spec, self._image_roles))
-
-    def expand(self, pbegin):
-        results = (
-            pbegin
-            | "ListShards" >> beam.Create(self.shards)
-            | "ReadShards" >> beam.ParDo(_ReadRLDSShardFn(self._spec, self._image_roles)).with_outputs(QUARANTINE, main="episodes")
-        )
-        return {"episodes": results.episodes, "quarantine": results[QUARANTINE]}
+            steps = parser.parse(example)
+        except RecordDecodeError as e:
+            beam.metrics.Metrics.counter(_NAMESPACE, "rlds_undecodable_records").inc()
+            yield quarantine(i, f"undecodable record in {shard.filename}: {e}")
+            continue
+        try:
+            episode = decode_rlds_example(steps, spec, f"{shard.split}/{shard.filename}/{i}", shard.split, image_roles)
+        except ValueError as e:  # its contract: a missing or malformed key, named
+            yield quarantine(i, f"{type(e).__name__}: {e}")
+            continue
+        yield episode
+    if index < shard.num_records:
+        beam.metrics.Metrics.counter(_NAMESPACE, "rlds_short_shards").inc()
+        for lost in range(index, shard.num_records):
+            yield quarantine(
+                lost,
+                _shard_reason(shard, index, "short shard file")
+                + "; the file ends early (truncated or replaced); hint: restore it from the dataset's source",
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,10 +613,15 @@ class CalvinWindow:
 def calvin_split_dirs(path: str) -> list[tuple[str, str]]:
     """[(split name, dir)] for a CALVIN root (with training/ validation/) or a single split dir."""
     path = path.rstrip("/") if paths.is_remote(path) else path
+    _refuse_broken_link(path, "a CALVIN directory")
     if not paths.isdir(path):
         raise SourceError(f"expected a CALVIN directory, got {path!r}, which does not exist")
+    _refuse_broken_link(paths.join(path, "ep_start_end_ids.npy"), "CALVIN segments (ep_start_end_ids.npy)")
     if paths.isfile(paths.join(path, "ep_start_end_ids.npy")):
         return [(paths.basename(os.path.normpath(path) if not paths.is_remote(path) else path), path)]
+    for s in CALVIN_SPLITS:
+        _refuse_broken_link(paths.join(path, s), f"a CALVIN split directory ({s}/)")
+        _refuse_broken_link(paths.join(path, s, "ep_start_end_ids.npy"), "CALVIN segments (ep_start_end_ids.npy)")
     found = [(s, paths.join(path, s)) for s in CALVIN_SPLITS if paths.isfile(paths.join(path, s, "ep_start_end_ids.npy"))]
     if not found:
         raise SourceError(
@@ -456,39 +631,123 @@ def calvin_split_dirs(path: str) -> list[tuple[str, str]]:
     return found
 
 
-def load_language_annotations(split_dir: str) -> list[tuple[int, int, str]]:
-    """[(start, end_exclusive, ann)] from ``lang_annotations/auto_lang_ann.npy``, via the restricted unpickler."""
-    path = paths.join(split_dir, "lang_annotations", "auto_lang_ann.npy")
-    if not paths.isfile(path):
-        raise SourceError(f"expected language annotations at {path!r}, got no such file; hint: pass --calvin-unlabeled to read play segments")
-    data = safe_pickle.load_pickled_npy(path)
+class UnsafeFileError(SourceError, safe_pickle.UnsafePickleError):
+    """A dataset file whose pickle asks for more than NumPy arrays and containers (refused before anything
+    runs): a user error, and still an ``UnsafePickleError`` for callers that catch that."""
+
+
+def load_calvin_segments(split_dir: str) -> list[tuple[int, int]]:
+    """Sorted inclusive ``[start, end]`` frame ranges (play segments) of ``ep_start_end_ids.npy``.
+
+    Raises ``SourceError`` naming the file and row for anything but an ``[N, 2]`` array of integer frame
+    ids >= 0 with ``start <= end``: an object array, NaN, a fraction, a reversed range, a damaged file.
+    Integral floats are accepted (frame ids saved as float64).
+    """
+    path = paths.join(split_dir, "ep_start_end_ids.npy")
+    where = f"ep_start_end_ids.npy in {split_dir!r}"
+    hint = (
+        "hint: it holds the inclusive [start, end] frame ids of each play segment; restore it from the "
+        "dataset's source or re-save it with np.save(path, ids.astype(np.int64))"
+    )
     try:
-        anns = list(data["language"]["ann"])
-        indx = list(data["info"]["indx"])
-    except (KeyError, TypeError) as e:
-        raise SourceError(f"expected {{'language': {{'ann': [...]}}, 'info': {{'indx': [...]}}}} in {path!r}, got {type(data).__name__}: {e}") from e
+        segments = _load_npy(path)
+    except (ValueError, EOFError) as e:  # an object array (no pickles here), a truncated file, not a .npy
+        raise SourceError(f"expected an integer array [N, 2] written by np.save, got {_brief(e)} for {where}; {hint}") from e
+    if segments.ndim != 2 or segments.shape[1] != 2:
+        raise SourceError(f"expected ep_start_end_ids.npy of shape [N, 2] in {split_dir!r}, got {segments.shape!r}")
+    if segments.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(segments).all(axis=1) | (np.round(segments) != segments).any(axis=1)
+    elif segments.dtype.kind in "iu":
+        bad = np.zeros(len(segments), dtype=bool)
+    else:
+        raise SourceError(f"expected integer frame ids, got dtype {segments.dtype} for {where}; {hint}")
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise SourceError(f"expected integer frame ids, got {segments[row].tolist()!r} in row {row} for {where}; {hint}")
+    ids = segments.astype(np.int64)
+    for row, (start, end) in enumerate(ids.tolist()):
+        if start < 0 or end < start:
+            raise SourceError(
+                f"expected a frame range 0 <= start <= end, got [{start}, {end}] in row {row} for {where}; {hint}"
+            )
+    return sorted((int(a), int(b)) for a, b in ids)
+
+
+def load_language_annotations(split_dir: str, required: bool = True) -> list[tuple[int, int, str]] | None:
+    """[(start, end_exclusive, ann)] from ``lang_annotations/auto_lang_ann.npy``, via the restricted unpickler.
+
+    Raises ``SourceError`` naming the file for one that is missing (``None`` instead if not ``required``),
+    does not load (truncated, not a ``.npy``, a pickle asking for code: ``UnsafeFileError``) or is not
+    ``{'language': {'ann': [str]}, 'info': {'indx': [(start, end)]}}`` with integer frame ids >= 0. A
+    window whose end is not after its start is kept: reading it quarantines that one episode.
+    """
+    path = paths.join(split_dir, "lang_annotations", "auto_lang_ann.npy")
+    _refuse_broken_link(paths.join(split_dir, "lang_annotations"), "CALVIN language annotations (lang_annotations/)")
+    _refuse_broken_link(path, "CALVIN language annotations (auto_lang_ann.npy)")
+    if not paths.isfile(path):
+        if not required:
+            return None
+        raise SourceError(
+            f"expected language annotations at {path!r}, got no such file; hint: vlaprep reads CALVIN's "
+            "language-annotated windows, which lang_annotations/auto_lang_ann.npy lists"
+        )
+    hint = "hint: the file is damaged; restore it from the dataset's source"
+    try:
+        data = safe_pickle.load_pickled_npy(path)
+    except safe_pickle.UnsafePickleError as e:
+        raise UnsafeFileError(str(e)) from e
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:  # truncated, flipped bytes, not a .npy
+        raise SourceError(f"expected a pickled dict saved by np.save, got {_brief(e)} for {path!r}; {hint}") from e
+    shape = "{'language': {'ann': [...]}, 'info': {'indx': [...]}}"
+    language = data.get("language") if isinstance(data, dict) else None
+    info = data.get("info") if isinstance(data, dict) else None
+    if not isinstance(language, dict) or not isinstance(info, dict) or "ann" not in language or "indx" not in info:
+        got = (
+            f"keys {sorted(map(str, data))!r}" if isinstance(data, dict)
+            else f"ndarray of shape {data.shape!r}" if isinstance(data, np.ndarray) else type(data).__name__
+        )
+        raise SourceError(f"expected {shape}, got {got} for {path!r}; {hint}")
+    anns, indx = language["ann"], info["indx"]
+    for name, value in (("ann", anns), ("indx", indx)):
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            raise SourceError(f"expected a list for {name!r}, got {type(value).__name__} for {path!r}; {hint}")
     if len(anns) != len(indx):
         raise SourceError(f"expected as many annotations as windows in {path!r}, got {len(anns)} anns and {len(indx)} windows")
     out = []
-    for ann, window in zip(anns, indx):
-        start, end = (int(v) for v in window)
+    for i, (ann, window) in enumerate(zip(anns, indx)):
+        if not isinstance(ann, str):
+            raise SourceError(
+                f"expected a string annotation, got {type(ann).__name__} {ann!r} at index {i} of 'ann' for {path!r}; {hint}"
+            )
+        values = np.asarray(window, dtype=object).reshape(-1).tolist() if isinstance(window, (list, tuple, np.ndarray)) else None
+        if values is None or len(values) != 2 or not all(_is_frame_id(v) for v in values):
+            raise SourceError(
+                f"expected a window (start, end) of integer frame ids, got {window!r} at index {i} of 'indx' "
+                f"for {path!r}; {hint}"
+            )
+        start, end = (int(v) for v in values)
         out.append((start, end, str(ann)))
     return out
 
 
-def list_calvin_windows(path: str, unlabeled: bool = False) -> list[CalvinWindow]:
-    """Every episode of a CALVIN dataset: language windows (default) or play segments (``unlabeled``)."""
+def _is_frame_id(value) -> bool:
+    """An integer >= 0 (Python or NumPy), or a float equal to one; never a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return value >= 0
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value)) and float(value).is_integer() and value >= 0
+    return False
+
+
+def list_calvin_windows(path: str) -> list[CalvinWindow]:
+    """Every episode of a CALVIN dataset: its language windows, in annotation order, per split."""
     windows = []
     for split, split_dir in calvin_split_dirs(path):
-        segments = _load_npy(paths.join(split_dir, "ep_start_end_ids.npy"))
-        if segments.ndim != 2 or segments.shape[1] != 2:
-            raise SourceError(f"expected ep_start_end_ids.npy of shape [N, 2] in {split_dir!r}, got {segments.shape!r}")
-        segments = sorted((int(a), int(b)) for a, b in segments)
+        segments = load_calvin_segments(split_dir)
         starts = [a for a, _ in segments]
-        if unlabeled:
-            for a, b in segments:
-                windows.append(CalvinWindow(split_dir, split, a, b + 1, "", (a, b)))
-            continue
         for start, end, ann in load_language_annotations(split_dir):
             pos = int(np.searchsorted(starts, start, side="right")) - 1
             segment = segments[pos] if pos >= 0 and segments[pos][0] <= start <= segments[pos][1] else None
@@ -508,8 +767,12 @@ def _open_npz(path: str):
     return np.load(path, allow_pickle=False)
 
 
+def calvin_frame_name(frame: int) -> str:
+    return f"episode_{frame:07d}.npz"
+
+
 def calvin_frame_path(split_dir: str, frame: int) -> str:
-    return paths.join(split_dir, f"episode_{frame:07d}.npz")
+    return paths.join(split_dir, calvin_frame_name(frame))
 
 
 def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Sequence[str] = ()) -> Episode:
@@ -579,140 +842,204 @@ def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Seq
     )
 
 
-class _ReadCalvinWindowFn(beam.DoFn):
-    def __init__(self, spec: DatasetSpec, image_roles: Sequence[str]):
-        self._spec = spec
-        self._image_roles = tuple(image_roles)
-
-    def process(self, window: CalvinWindow):
-        try:
-            episode = load_calvin_window(window, self._spec, self._image_roles)
-        except (ValueError, OSError, KeyError) as e:
-            beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_read").inc()
-            yield beam.pvalue.TaggedOutput(QUARANTINE, QuarantineRecord(self._spec.name, window.episode_id, "read", f"{type(e).__name__}: {e}"))
-            return
-        beam.metrics.Metrics.counter(_NAMESPACE, "episodes_read").inc()
-        yield episode
-
-
-class ReadCalvin(beam.PTransform):
-    """PBegin -> {"episodes": PCollection[Episode], "quarantine": PCollection[QuarantineRecord]}.
-
-    One episode per language window ``[start, end)`` of ``auto_lang_ann.npy`` (or per play segment with
-    ``unlabeled=True``), frames enumerated from ``ep_start_end_ids.npy``, never from a glob.
-    """
-
-    def __init__(self, path: str, spec: DatasetSpec, image_roles: Sequence[str] = (), unlabeled: bool = False):
-        super().__init__()
-        self._spec = spec
-        self._image_roles = tuple(image_roles)
-        windows, seen, duplicates = [], set(), []
-        for window in list_calvin_windows(path, unlabeled=unlabeled):
-            if window.episode_id in seen:
-                # Same frames listed twice: keep the first annotation, account for the others.
-                duplicates.append(QuarantineRecord(
-                    spec.name, f"{window.episode_id}#dup{len(duplicates)}", "read",
-                    f"duplicate episode id {window.episode_id!r} (window listed again in auto_lang_ann.npy, "
-                    f"annotation {window.language!r}); the first listing is kept",
-                ))
-                continue
-            seen.add(window.episode_id)
-            windows.append(window)
-        self.windows = tuple(windows)
-        self.duplicates = tuple(duplicates)
-
-    def expand(self, pbegin):
-        results = (
-            pbegin
-            | "ListWindows" >> beam.Create(self.windows)
-            | "ReadWindows" >> beam.ParDo(_ReadCalvinWindowFn(self._spec, self._image_roles)).with_outputs(QUARANTINE, main="episodes")
-        )
-        quarantine = results[QUARANTINE]
-        if self.duplicates:
-            duplicates = pbegin | "DuplicateWindows" >> beam.Create(self.duplicates)
-            quarantine = (quarantine, duplicates) | "AllReadQuarantine" >> beam.Flatten()
-        return {"episodes": results.episodes, "quarantine": quarantine}
-
-
-def read_episodes(path: str, spec: DatasetSpec, image_roles: Sequence[str] = (), calvin_unlabeled: bool = False) -> beam.PTransform:
-    """The source PTransform for a registry entry's format."""
-    if spec.source_format == "rlds":
-        return ReadRLDS(path, spec, image_roles=image_roles)
-    if spec.source_format == "calvin":
-        return ReadCalvin(path, spec, image_roles=image_roles, unlabeled=calvin_unlabeled)
-    raise SourceError(f"expected source_format 'rlds' or 'calvin', got {spec.source_format!r} for dataset {spec.name!r}")
-
-
 def source_files(path: str, spec: DatasetSpec) -> list[str]:
-    """Every file whose content determines the dataset's episodes (for fingerprints), sorted."""
+    """Every file whose content determines the dataset's episodes (for fingerprints), sorted.
+
+    The first thing a run asks of a source, so it also checks the dataset's metadata and raises
+    ``SourceError`` before any work: RLDS ``dataset_info.json``/``features.json`` (loaded by TFDS),
+    CALVIN ``ep_start_end_ids.npy`` and, when present, ``auto_lang_ann.npy``. A shard file that
+    ``dataset_info.json`` lists but the directory lacks is left out (reading it quarantines its records).
+    """
     if spec.source_format == "rlds":
         version_dir = resolve_rlds_version_dir(path)
         names = [f for _, f, _ in rlds_shard_files(version_dir)] + ["dataset_info.json", "features.json"]
-        present = {name for name, _ in paths.list_files(version_dir)}
+        present = {name for name, _ in _list_files(version_dir)}
         return sorted(paths.join(version_dir, n) for n in names if n in present)
     files = []
     for _, split_dir in calvin_split_dirs(path):
+        load_calvin_segments(split_dir)
+        load_language_annotations(split_dir, required=False)
         files.extend(_calvin_files(split_dir))
     return sorted(files)
 
 
 def _calvin_files(split_dir: str) -> list[str]:
-    return sorted(paths.join(split_dir, n) for n, _ in paths.list_files(split_dir) if n.endswith((".npy", ".npz")))
+    return sorted(paths.join(split_dir, n) for n, _ in _list_files(split_dir) if n.endswith((".npy", ".npz")))
+
+
+def _list_files(directory: str) -> list[tuple[str, int]]:
+    """``paths.list_files``; a symlink loop or a link to nothing among the files is a ``BrokenLinkError``."""
+    try:
+        return paths.list_files(directory)
+    except OSError as e:
+        if e.filename and e.errno in (errno.ELOOP, errno.ENOENT) and os.path.islink(e.filename):
+            _refuse_broken_link(e.filename, f"a file of the dataset in {directory!r}")
+        raise
+
+
+CALVIN_WINDOWS_PER_UNIT = 64  # CALVIN episodes read by one worker call (and cached as one projection)
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceUnit:
-    """The unit of incremental recomputation: one RLDS TFRecord shard, or one CALVIN split directory.
+    """The unit every source is read, parallelised and cached by: one RLDS TFRecord shard, or a run of
+    ``CALVIN_WINDOWS_PER_UNIT`` language windows of one CALVIN split.
 
     ``files`` determine its episodes; ``shared`` (dataset-wide metadata) determine every unit's.
+    ``items`` is what ``iter_unit_episodes`` reads: ``(RLDSShard,)`` or CALVIN windows;
+    ``quarantine``: records known from the listing alone (a CALVIN window listed twice).
     """
 
     name: str
-    path: str  # what to hand the source to read only this unit
-    files: tuple[str, ...]
+    path: str  # the dataset's version dir (RLDS) or split dir (CALVIN)
+    files: tuple[str, ...]  # empty for an RLDS shard missing from its directory (all its records quarantined)
     shared: tuple[str, ...]
     prefix: str  # what every episode id of this unit starts with ("train/<shard file>/", "training/")
+    # RLDS: the records dataset_info.json declares for the shard; with the file's content it decides the
+    # unit's episodes and quarantine (a short shard's missing records). None for CALVIN.
+    declared: int | None = None
+    items: tuple = ()
+    quarantine: tuple[QuarantineRecord, ...] = ()
 
 
 def source_units(path: str, spec: DatasetSpec) -> list[SourceUnit]:
+    """Every unit of the dataset at ``path``, in a stable order (checks its metadata: ``SourceError``)."""
     if spec.source_format == "rlds":
         version_dir = resolve_rlds_version_dir(path)
+        check_rlds_features(version_dir, spec)
         # features.json decides how every shard parses; dataset_info.json only lists shards (it changes
         # when shards are added, which must not invalidate the existing ones).
         shared = tuple(paths.join(version_dir, n) for n in ("features.json",) if paths.isfile(paths.join(version_dir, n)))
-        return [
-            SourceUnit(f, version_dir, (paths.join(version_dir, f),), shared, f"{split}/{f}/")
-            for split, f, _ in rlds_shard_files(version_dir)
-        ]
-    units = []
-    for split, split_dir in calvin_split_dirs(path):
-        units.append(SourceUnit(split, split_dir, tuple(_calvin_files(split_dir)), (), f"{split}/"))
+        present = {name for name, _ in _list_files(version_dir)}  # one listing, not a request per shard
+        units, per_split_index = [], {}
+        for split, f, n in rlds_shard_files(version_dir):
+            index = per_split_index[split] = per_split_index.get(split, -1) + 1
+            shard = RLDSShard(version_dir, split, index, f, n)
+            files = (paths.join(version_dir, f),) if f in present else ()
+            units.append(SourceUnit(f, version_dir, files, shared, f"{split}/{f}/", n, (shard,)))
+        return units
+    if spec.source_format == "calvin":
+        return [u for split, split_dir in calvin_split_dirs(path) for u in _calvin_units(spec, split, split_dir)]
+    raise SourceError(f"expected source_format 'rlds' or 'calvin', got {spec.source_format!r} for dataset {spec.name!r}")
+
+
+def _calvin_units(spec: DatasetSpec, split: str, split_dir: str) -> list[SourceUnit]:
+    """The split's language windows in annotation order, ``CALVIN_WINDOWS_PER_UNIT`` per unit.
+
+    A window listed again (same frames) is not read twice: its record goes to the unit of the listing."""
+    frame_files = {paths.basename(f): f for f in _calvin_files(split_dir)}
+    shared = tuple(sorted(f for name, f in frame_files.items() if not name.startswith("episode_")))
+    shared += tuple(
+        paths.join(split_dir, "lang_annotations", n) for n, _ in _list_files(paths.join(split_dir, "lang_annotations"))
+    ) if paths.isdir(paths.join(split_dir, "lang_annotations")) else ()
+    listed = list_calvin_windows(split_dir)
+    units, seen, duplicates = [], set(), 0
+    for first in range(0, len(listed), CALVIN_WINDOWS_PER_UNIT):
+        windows, quarantine = [], []
+        for window in listed[first : first + CALVIN_WINDOWS_PER_UNIT]:
+            if window.episode_id in seen:
+                # Same frames listed twice: keep the first annotation, account for the others.
+                quarantine.append(QuarantineRecord(
+                    spec.name, f"{window.episode_id}#dup{duplicates}", "read",
+                    f"duplicate episode id {window.episode_id!r} (window listed again in auto_lang_ann.npy, "
+                    f"annotation {window.language!r}); the first listing is kept",
+                ))
+                duplicates += 1
+                continue
+            seen.add(window.episode_id)
+            windows.append(window)
+        names = sorted({calvin_frame_name(f) for w in windows for f in range(w.start, max(w.start, w.end))})
+        files = tuple(frame_files[n] for n in names if n in frame_files)  # a missing frame quarantines its window
+        units.append(SourceUnit(
+            f"{split}:{first // CALVIN_WINDOWS_PER_UNIT:05d}", split_dir, files, shared, f"{split}/",
+            None, tuple(windows), tuple(quarantine),
+        ))
     return units
 
 
-def episode_unit(spec: DatasetSpec, episode_id: str) -> str:
-    """The ``SourceUnit.name`` an episode (or its quarantine record) came from."""
-    parts = episode_id.split("/")
-    return parts[1] if spec.source_format == "rlds" else parts[0]
+def check_rlds_features(version_dir: str, spec: DatasetSpec) -> None:
+    """The dataset's own ``features.json`` has every step key the registry entry reads, with the width it
+    declares (widths are read from the data's metadata, never guessed); ``SourceError`` naming the key."""
+    from vlaprep.transforms.features import FeatureMismatchError, check_step_shapes
+
+    local = tfds_metadata_dir(version_dir)
+    features = os.path.join(local, "features.json")
+    if not os.path.isfile(features):
+        return  # older datasets keep their features in dataset_info.json; the parser checks the keys
+    try:
+        check_step_shapes(spec, features)
+    except FeatureMismatchError as e:
+        raise SourceError(f"{e} (in {paths.join(version_dir, 'features.json')!r})") from e
+    except ValueError as e:  # not JSON / not a FeaturesDict: the metadata check names the file
+        raise _metadata_error(version_dir, local, e) from e
 
 
-def read_units(units: Sequence[SourceUnit], spec: DatasetSpec, image_roles: Sequence[str] = ()) -> beam.PTransform:
-    """The source PTransform restricted to ``units`` (all of one dataset)."""
+def iter_unit_episodes(unit: SourceUnit, spec: DatasetSpec, image_roles: Sequence[str] = (), parser=None) -> Iterator:
+    """Yield every ``Episode`` of the unit and a ``QuarantineRecord`` for each one that cannot be read
+    (reasons as in ``read_rlds_shard`` / ``load_calvin_window``). ``parser``: a reused ``RLDSParser``."""
+    yield from unit.quarantine
     if spec.source_format == "rlds":
-        return ReadRLDS(units[0].path, spec, image_roles=image_roles, shard_files=[u.name for u in units])
-    return _ReadCalvinSplits([u.path for u in units], spec, image_roles)
+        for shard in unit.items:
+            yield from read_rlds_shard(shard, spec, image_roles, parser)
+        return
+    for window in unit.items:
+        try:
+            yield load_calvin_window(window, spec, image_roles)
+        except (ValueError, OSError, KeyError) as e:
+            yield QuarantineRecord(spec.name, window.episode_id, "read", f"{type(e).__name__}: {e}")
 
 
-class _ReadCalvinSplits(beam.PTransform):
-    """PBegin -> {"episodes", "quarantine"}: ``ReadCalvin`` over several split directories."""
+def unit_parser(spec: DatasetSpec, unit: SourceUnit, image_roles: Sequence[str] = ()):
+    """The parser ``iter_unit_episodes`` needs for this unit (RLDS), else None; reusable across its units."""
+    if spec.source_format != "rlds":
+        return None
+    return rlds_parser(unit.path, rlds_keys(spec, image_roles), optional=[spec.language_key] if spec.language_key else [])
 
-    def __init__(self, split_dirs: Sequence[str], spec: DatasetSpec, image_roles: Sequence[str]):
+
+class _ReadUnitFn(beam.DoFn):
+    """SourceUnit -> Episode (main) and QuarantineRecord (tagged ``quarantine``)."""
+
+    def __init__(self, spec: DatasetSpec, image_roles: Sequence[str]):
+        self._spec = spec
+        self._image_roles = tuple(image_roles)
+        self._parsers = None
+
+    def setup(self):
+        self._parsers = {}  # dataset dir -> parser; built once per worker, not per unit
+
+    def process(self, unit: SourceUnit):
+        parser = self._parsers.get(unit.path)
+        if parser is None and self._spec.source_format == "rlds":
+            parser = self._parsers[unit.path] = unit_parser(self._spec, unit, self._image_roles)
+        for item in iter_unit_episodes(unit, self._spec, self._image_roles, parser):
+            if isinstance(item, QuarantineRecord):
+                beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_read").inc()
+                yield beam.pvalue.TaggedOutput(QUARANTINE, item)
+            else:
+                beam.metrics.Metrics.counter(_NAMESPACE, "episodes_read").inc()
+                yield item
+
+
+class ReadDataset(beam.PTransform):
+    """PBegin -> {"episodes": PCollection[Episode], "quarantine": PCollection[QuarantineRecord]}.
+
+    Reads the dataset at ``path`` (RLDS or CALVIN, after its registry entry), one element per
+    ``SourceUnit`` so units are read in parallel; ``units`` restricts it to some of them. Checks on the
+    launcher, before any work, that the dataset has every key its registry entry needs.
+    """
+
+    def __init__(self, path: str, spec: DatasetSpec, image_roles: Sequence[str] = (), units: Sequence[SourceUnit] | None = None):
         super().__init__()
-        self._reads = [ReadCalvin(d, spec, image_roles=image_roles) for d in split_dirs]
+        self._spec = spec
+        self._image_roles = tuple(image_roles)
+        self.units = tuple(units) if units is not None else tuple(source_units(path, spec))
+        if self.units and spec.source_format == "rlds":
+            rlds_parser(self.units[0].path, rlds_keys(spec, self._image_roles))
 
     def expand(self, pbegin):
-        parts = [pbegin | f"Split{i}" >> read for i, read in enumerate(self._reads)]
-        return {
-            tag: [p[tag] for p in parts] | f"Flatten{tag}" >> beam.Flatten()
-            for tag in ("episodes", "quarantine")
-        }
+        results = (
+            pbegin
+            | "ListUnits" >> beam.Create(self.units)
+            | "ReadUnits" >> beam.ParDo(_ReadUnitFn(self._spec, self._image_roles)).with_outputs(QUARANTINE, main="episodes")
+        )
+        return {"episodes": results.episodes, "quarantine": results[QUARANTINE]}

@@ -2,7 +2,8 @@
 
 Pipeline shape (per run, all datasets in one pipeline, keyed by dataset name):
 
-  Episode --ApplyDatasetTransform--> (dataset, TrajectoryRecord) --ComputeDatasetStatistics--> (dataset, entry)
+  SourceUnit --project_unit (read + transform + projection file)--> UnitSummary
+             --ComputeDatasetStatistics (two passes over the projection files)--> (dataset, entry)
 
 ``entry`` is OpenVLA's per-dataset block (see ``openvla_entry``). The numerics live in
 ``exact_stats.py``; the CombineFns here only adapt them.
@@ -22,7 +23,7 @@ from vlaprep.pipelines.exact_stats import (
     plan_order_statistics,
 )
 from vlaprep.schemas.episode import Episode, QuarantineRecord
-from vlaprep.transforms.base import Trajectory
+from vlaprep.transforms.base import EmptyTrajectoryError, Trajectory
 from vlaprep.transforms.registry import DatasetSpec
 
 QUARANTINE = "quarantine"
@@ -42,8 +43,22 @@ class TrajectoryRecord:
     trajectory: Trajectory
 
 
-def transform_episode(episode: Episode, spec: DatasetSpec) -> TrajectoryRecord:
+def _check_width(trajectory: Trajectory, spec: DatasetSpec) -> None:
+    action = np.asarray(trajectory.action)
+    if action.ndim != 2 or action.shape[1] != spec.action_dim:
+        raise ValueError(
+            f"expected action [T, {spec.action_dim}] after {spec.name!r}'s transform, got {action.shape!r}; "
+            "hint: the registry entry's action_dim or action keys do not match the data"
+        )
+
+
+def transform_episode(episode: Episode, spec: DatasetSpec, allow_empty: bool = False) -> TrajectoryRecord:
     """Apply the dataset's transform and check the result; raises ``ValueError`` with the reason.
+
+    ``allow_empty`` (statistics): an episode the transform standardizes to zero steps *as OpenVLA does*
+    (``EmptyTrajectoryError``: a 2-step Bridge episode loses its first and last step) is returned as a
+    0-step trajectory, which OpenVLA counts in ``num_trajectories``; without it (shards: no row to
+    write) it raises that error, whose message says so.
 
     Non-finite values are rejected in the raw float fields too, not only in the output: a NaN in a
     column the transform happens to overwrite (bridge relabels actions from states) still marks a
@@ -57,13 +72,16 @@ def transform_episode(episode: Episode, spec: DatasetSpec) -> TrajectoryRecord:
                 f"expected finite values, got {values[tuple(bad)]!r} in step key {key!r} at index {tuple(int(i) for i in bad)!r} "
                 f"({int((~np.isfinite(values)).sum())} non-finite in all)"
             )
-    trajectory = spec.transform(episode.steps)
+    try:
+        trajectory = spec.transform(episode.steps)
+    except EmptyTrajectoryError as e:  # OpenVLA keeps it: a trajectory of 0 steps, counted in num_trajectories
+        trajectory = e.trajectory
+        if allow_empty:
+            _check_width(trajectory, spec)
+            return TrajectoryRecord(episode.dataset_name, episode.episode_id, episode.split, episode.language, trajectory)
+        raise
     action = np.asarray(trajectory.action)
-    if action.ndim != 2 or action.shape[1] != spec.action_dim:
-        raise ValueError(
-            f"expected action [T, {spec.action_dim}] after {spec.name!r}'s transform, got {action.shape!r}; "
-            "hint: the registry entry's action_dim or action keys do not match the data"
-        )
+    _check_width(trajectory, spec)
     if trajectory.num_steps == 0:
         raise ValueError(f"expected at least one step after {spec.name!r}'s transform, got 0 (source had {episode.num_steps})")
     for name, values in ((ACTION, action), (PROPRIO, np.asarray(trajectory.proprio))):
@@ -72,34 +90,6 @@ def transform_episode(episode: Episode, spec: DatasetSpec) -> TrajectoryRecord:
             t, d = (int(i) for i in np.argwhere(~finite)[0])
             raise ValueError(f"expected finite {name} values, got {values[t, d]!r} at step {t} dim {d} ({int((~finite).sum())} non-finite in all)")
     return TrajectoryRecord(episode.dataset_name, episode.episode_id, episode.split, episode.language, trajectory)
-
-
-class _TransformFn(beam.DoFn):
-    def __init__(self, specs: dict[str, DatasetSpec]):
-        self._specs = specs
-
-    def process(self, episode: Episode):
-        try:
-            record = transform_episode(episode, self._specs[episode.dataset_name])
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            beam.metrics.Metrics.counter(_NAMESPACE, "quarantined_transform").inc()
-            yield beam.pvalue.TaggedOutput(
-                QUARANTINE, QuarantineRecord(episode.dataset_name, episode.episode_id, "transform", f"{type(e).__name__}: {e}")
-            )
-            return
-        yield record
-
-
-class ApplyDatasetTransform(beam.PTransform):
-    """PCollection[Episode] -> {"trajectories": PCollection[TrajectoryRecord], "quarantine": PCollection[QuarantineRecord]}."""
-
-    def __init__(self, specs: dict[str, DatasetSpec]):
-        super().__init__()
-        self._specs = specs
-
-    def expand(self, episodes):
-        results = episodes | "Transform" >> beam.ParDo(_TransformFn(self._specs)).with_outputs(QUARANTINE, main="trajectories")
-        return {"trajectories": results.trajectories, "quarantine": results[QUARANTINE]}
 
 
 class _FoldingCombineFn(beam.CombineFn):
@@ -138,15 +128,6 @@ class ExactOrderStatisticsCombineFn(_FoldingCombineFn):
 
     def add_input(self, acc, partial):
         return partial if acc is None else acc.merge(partial)
-
-
-def trajectory_matrices(record: TrajectoryRecord, with_proprio: bool):
-    """-> [((dataset, field), [T, D] float32)] for the fields statistics are computed on."""
-    out = [((record.dataset_name, ACTION), np.asarray(record.trajectory.action, np.float32))]
-    proprio = np.asarray(record.trajectory.proprio, np.float32)
-    if with_proprio and proprio.shape[1] > 0:
-        out.append(((record.dataset_name, PROPRIO), proprio))
-    return out
 
 
 class _SelectForPlanFn(beam.DoFn):
@@ -222,12 +203,14 @@ def _assemble_dataset(element, masks: dict):
 
 
 class ComputeDatasetStatistics(beam.PTransform):
-    """PCollection[TrajectoryRecord] -> PCollection[tuple[str, dict]]: (dataset name, OpenVLA entry).
+    """PCollection[UnitSummary] -> PCollection[tuple[str, dict]]: (dataset name, OpenVLA entry).
 
-    Two passes over the compact ``[T, D]`` action/proprio matrices (never the images): pass 1 is
-    ``ExactMomentsCombineFn`` per (dataset, field); its plan (which 16-bit key prefixes hold the
-    q01/q99 ranks) goes to pass 2 as a side input, whose counts ``ExactOrderStatisticsCombineFn``
-    merges. No step gathers a dataset's values in one place.
+    Two passes over the compact ``[N, D]`` action/proprio rows of each source unit (never the images),
+    each reading the unit's projection file again (``stats_cache.unit_matrices``), so no per-episode
+    or per-row collection is ever held between stages: pass 1 is ``ExactMomentsCombineFn`` per
+    (dataset, field); its plan (which 16-bit key prefixes hold the q01/q99 ranks) goes to pass 2 as a
+    side input, whose counts ``ExactOrderStatisticsCombineFn`` merges. What crosses a stage boundary is
+    one small summary per unit and the combiners' accumulators (bounded by their counters).
     """
 
     def __init__(self, masks: dict[str, tuple[bool, ...]], with_proprio: bool = False):
@@ -235,13 +218,19 @@ class ComputeDatasetStatistics(beam.PTransform):
         self._masks = dict(masks)
         self._with_proprio = with_proprio
 
-    def expand(self, trajectories):
+    def expand(self, summaries):
+        from vlaprep.pipelines.stats_cache import unit_matrices
+
         with_proprio = self._with_proprio
-        matrices = trajectories | "ToMatrices" >> beam.FlatMap(trajectory_matrices, with_proprio)
-        moments = matrices | "ExactMoments" >> beam.CombinePerKey(ExactMomentsCombineFn())
+        moments = (
+            summaries
+            | "Pass1Rows" >> beam.FlatMap(unit_matrices, with_proprio)
+            | "ExactMoments" >> beam.CombinePerKey(ExactMomentsCombineFn())
+        )
         plans = moments | "PlanOrderStatistics" >> beam.MapTuple(lambda key, acc: (key, plan_order_statistics(acc)))
         selections = (
-            matrices
+            summaries
+            | "Pass2Rows" >> beam.FlatMap(unit_matrices, with_proprio)
             | "SelectForPlan" >> beam.ParDo(_SelectForPlanFn(), plans=beam.pvalue.AsDict(plans))
             | "ExactOrderStatistics" >> beam.CombinePerKey(ExactOrderStatisticsCombineFn())
         )
@@ -251,8 +240,8 @@ class ComputeDatasetStatistics(beam.PTransform):
             | "FieldStatistics" >> beam.Map(_assemble_field)
         )
         trajectory_counts = (
-            trajectories
-            | "DatasetOfTrajectory" >> beam.Map(lambda r: (r.dataset_name, 1))
+            summaries
+            | "TrajectoriesOfUnit" >> beam.FlatMap(lambda s: [(s.dataset, s.num_trajectories)] if s.num_trajectories else [])
             | "CountTrajectories" >> beam.CombinePerKey(sum)
         )
         return (

@@ -1,6 +1,13 @@
-"""Per-source-unit partial state for incremental statistics.
+"""Per-source-unit projections: how statistics read data, and what makes them incremental.
 
-After a unit (one RLDS shard, one CALVIN split) is read and transformed, its compact projection is kept:
+The statistics pipeline never moves an episode between stages. One worker call reads a whole
+``SourceUnit`` (an RLDS shard, a run of CALVIN windows), transforms its episodes and writes the unit's
+compact projection (``project_unit``); what travels on is a small ``UnitSummary`` per unit. Both
+passes of the exact statistics then read the projection file again (``unit_matrices``) instead of a
+PCollection the runner would have to hold: a local runner buffers every element that crosses a stage
+boundary in the driver's memory, so per-episode elements there made the driver grow with the data.
+
+After a unit is read and transformed, its compact projection is kept:
 the transformed ``action [N, D]`` and ``proprio [N, P]`` float32 rows with per-trajectory lengths and
 ids, its quarantine records and its episode count (~28 bytes per step, none of the images). A later run
 whose unit key matches loads this file instead of reading the unit's TFRecords again, so adding shards to
@@ -14,18 +21,23 @@ deterministic content, so a retried bundle rewrites the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import zipfile
+from typing import Sequence
 
 import numpy as np
 
 from vlaprep import paths
 from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint
+from vlaprep.errors import UserError
+from vlaprep.pipelines import sources
 from vlaprep.pipelines.sources import SourceUnit
-from vlaprep.pipelines.stats import TrajectoryRecord
-from vlaprep.schemas.episode import QuarantineRecord
+from vlaprep.pipelines.stats import ACTION, PROPRIO, TrajectoryRecord, transform_episode
+from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.transforms.base import Trajectory
 from vlaprep.transforms.registry import DatasetSpec
 
@@ -39,7 +51,17 @@ def unit_key(unit: SourceUnit, spec: DatasetSpec, with_proprio: bool, digests: d
     shared = [{"name": paths.basename(f), "blake2b": digests[f][1]} for f in unit.shared]
     # By content, not by name: TFDS renames every shard (`-of-000N`) when shards are added.
     files = [f["blake2b"] for f in files]
-    return fingerprint.combine("stats-unit", fingerprint.version_fingerprint(), spec.fingerprint(), with_proprio, files, shared)
+    # And by the record count dataset_info.json declares for an RLDS shard: a short or missing shard
+    # quarantines the records it lacks. An empty or missing shard has no content to tell it apart from
+    # another one, so its name does.
+    declared = []
+    if unit.declared is not None:
+        declared.append(unit.declared)
+        if not unit.files or all(digests[f][0] == 0 for f in unit.files):
+            declared.append(unit.name)
+    return fingerprint.combine(
+        "stats-unit", fingerprint.version_fingerprint(), spec.fingerprint(), with_proprio, files, shared, *declared
+    )
 
 
 def projection_path(output_dir: str, dataset: str, key: str) -> str:
@@ -82,16 +104,74 @@ def write_projection(path: str, records: list, quarantine: list, episodes_read: 
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_projection(path: str, dataset: str, prefix: str):
-    """-> (list[TrajectoryRecord], list[QuarantineRecord], episodes_read), ids under the unit's current ``prefix``."""
-    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
-        action, proprio, lengths = z["action"], z["proprio"], z["lengths"]
-        meta = json.loads(z["meta"].tobytes().decode())
-    records, start = [], 0
-    for episode_id, split, language, n in zip(meta["episode_ids"], meta["splits"], meta["languages"], lengths):
-        n = int(n)
-        trajectory = Trajectory(action[start : start + n], proprio[start : start + n], np.arange(n, dtype=np.int64))
-        records.append(TrajectoryRecord(dataset, prefix + episode_id, split, language, trajectory))
-        start += n
-    quarantine = [QuarantineRecord(**{**q, "episode_id": prefix + q["episode_id"]}) for q in meta["quarantine"]]
-    return records, quarantine, int(meta["episodes_read"])
+class StatsCacheError(UserError):
+    """A cached unit projection (``stats_cache/<dataset>/<key>.npz``) vanished or cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitTask:
+    """One unit of one dataset for the statistics pipeline; ``cached``: its projection exists already."""
+
+    dataset: str
+    unit: SourceUnit
+    path: str  # the unit's projection file
+    cached: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSummary:
+    """What the statistics need of a unit besides its rows (which stay in the projection file at ``path``)."""
+
+    dataset: str
+    path: str
+    episodes_read: int  # episodes the source produced (quarantined "read" records not included)
+    num_trajectories: int  # episodes that passed the transform: rows in the projection
+    quarantine: tuple[QuarantineRecord, ...]
+
+
+def _read_projection(path: str, dataset: str):
+    try:
+        with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("action", "proprio", "lengths")}
+            meta = json.loads(z["meta"].tobytes().decode())
+    except (FileNotFoundError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise StatsCacheError(
+            f"expected a readable cached projection {path!r} of dataset {dataset!r}, got {type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}; hint: rerun with --force to recompute it from the sources"
+        ) from e
+    return arrays, meta
+
+
+def project_unit(task: UnitTask, spec: DatasetSpec, with_proprio: bool, parser=None) -> UnitSummary:
+    """Read, transform and project one unit (or, when ``task.cached``, read its projection's summary).
+
+    Episodes that cannot be read or transformed become quarantine records (stage ``read`` /
+    ``transform``), as everywhere; memory is bounded by one unit's compact rows (no images are read).
+    """
+    if not task.cached:
+        records, quarantine, read = [], [], 0
+        for item in sources.iter_unit_episodes(task.unit, spec, (), parser):
+            if isinstance(item, QuarantineRecord):
+                quarantine.append(item)
+                continue
+            read += 1
+            try:
+                records.append(transform_episode(item, spec, allow_empty=True))
+            except ValueError as e:  # transform_episode's contract: the data is not what the entry expects
+                quarantine.append(QuarantineRecord(spec.name, item.episode_id, "transform", f"{type(e).__name__}: {e}"))
+        write_projection(task.path, records, quarantine, read, task.unit.prefix)
+    arrays, meta = _read_projection(task.path, task.dataset)
+    prefix = task.unit.prefix
+    quarantine = tuple(QuarantineRecord(**{**q, "episode_id": prefix + q["episode_id"]}) for q in meta["quarantine"])
+    return UnitSummary(task.dataset, task.path, int(meta["episodes_read"]), int(len(arrays["lengths"])), quarantine)
+
+
+def unit_matrices(summary: UnitSummary, with_proprio: bool) -> list:
+    """-> [((dataset, field), [N, D] float32)]: the unit's rows for each statistics field (none if empty)."""
+    arrays, _meta = _read_projection(summary.path, summary.dataset)
+    out = []
+    if len(arrays["action"]):
+        out.append(((summary.dataset, ACTION), arrays["action"]))
+        if with_proprio and arrays["proprio"].shape[1] > 0:
+            out.append(((summary.dataset, PROPRIO), arrays["proprio"]))
+    return out

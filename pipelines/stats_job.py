@@ -6,6 +6,12 @@ Outputs in ``DIR``:
   quarantine.jsonl               one QuarantineRecord per rejected episode (this run's datasets)
   stats_cache/<dataset>/*.npz    per source unit (RLDS shard, CALVIN split): transformed rows, for reuse
   <dataset>_histograms.png       per action dim histogram with q01/q99 marked
+
+Before any Beam work the output directory is created and a probe file written and removed there
+(``check_output_dir``): a file in the way, a parent that is a file, a read-only or full disk fail at once
+as one ``OutputError`` naming the path. A refusal inside the pipeline (no valid episode, an unreadable
+cached projection) leaves a note (``FAILURE_FILE``) that the driver turns back into the same error, since
+Beam's runners do not carry exception types across processes.
 """
 
 from __future__ import annotations
@@ -15,63 +21,35 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from vlaprep.errors import UserError
+from vlaprep.errors import OutputError, UserError, describe_environment_error
 from vlaprep import paths
 from vlaprep.paths import write_bytes_atomic
 from vlaprep.pipelines import fingerprint, sources, stats_cache
+from vlaprep.pipelines.job import DatasetInput, beam_options
 from vlaprep.pipelines.histogram_png import render_histograms
-from vlaprep.pipelines.stats import HISTOGRAM_KEY, ApplyDatasetTransform, ComputeDatasetStatistics
+from vlaprep.pipelines.stats import HISTOGRAM_KEY, ComputeDatasetStatistics
+from vlaprep.pipelines.stats_cache import StatsCacheError
 from vlaprep.schemas import validate_json
 from vlaprep.transforms.registry import DatasetSpec
 
 STATS_FILE = "dataset_statistics.json"
 CACHE_FILE = "dataset_statistics.cache.json"
 QUARANTINE_FILE = "quarantine.jsonl"
-FAILURE_FILE = ".stats-failure.json"  # why the last run's final step refused (read by a waiting driver)
-
-# Local runs must never reach for the network: the plain DirectRunner first tries to download Prism.
-DEFAULT_BEAM_ARGS = (
-    "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner",
-    "--default_sdk_harness_log_level=WARNING",
-)
-# Worker processes cost ~4 s to start (each imports Beam and the pipeline's modules) and then read in
-# parallel; below this much input one in-process worker finishes first (measured: benchmarks/).
-PARALLEL_MIN_BYTES = 256 << 20
-
+FAILURE_FILE = ".stats-failure.json"  # why the last run's pipeline refused (read by a waiting driver)
+PROBE_PREFIX = ".write-probe-"  # check_output_dir's probe file, removed at once
 
 class NoValidEpisodesError(UserError):
     """Every episode of a dataset was quarantined: there is nothing to compute statistics from."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInput:
-    name: str
-    path: str
-    spec: DatasetSpec
-
-
-def beam_options(beam_args: Sequence[str], input_bytes: int | None = None) -> PipelineOptions:
-    """PipelineOptions from the pass-through flags, with network-free local defaults when no runner is named.
-
-    Default: Beam's FnApiRunner with one worker process per core, or in-process when ``input_bytes`` is
-    known to be below ``PARALLEL_MIN_BYTES`` (or there is one core). ``--direct_running_mode`` and
-    ``--direct_num_workers`` override the choice; ``--runner`` replaces all of it.
-    """
-    args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
-        args = list(DEFAULT_BEAM_ARGS) + args
-        cores = os.cpu_count() or 1
-        if not any(a.startswith("--direct_running_mode") for a in args):
-            small = input_bytes is not None and input_bytes < PARALLEL_MIN_BYTES
-            args.append("--direct_running_mode=" + ("in_memory" if small or cores == 1 else "multi_processing"))
-        if not any(a.startswith("--direct_num_workers") for a in args):
-            args.append(f"--direct_num_workers={cores}")
-    return PipelineOptions(args)
+# Errors a pipeline step reports through FAILURE_FILE, by name.
+_PIPELINE_ERRORS = {cls.__name__: cls for cls in (NoValidEpisodesError, StatsCacheError)}
 
 
 def dataset_fingerprint(item: DatasetInput, with_proprio: bool) -> str:
@@ -90,36 +68,80 @@ def write_json_atomic(path: str, document, indent: int | None = 2) -> None:
     write_bytes_atomic(path, json.dumps(document, indent=indent).encode())
 
 
-class _WriteProjectionFn(beam.DoFn):
-    """((dataset, unit), {"path", "trajectories", "quarantine", "read"}) -> writes the unit's projection."""
+def check_output_dir(output_dir: str, what: str = "statistics output") -> None:
+    """Create ``output_dir`` and write and remove a probe file there, before any Beam work.
 
-    def process(self, element):
-        (_dataset, _unit), grouped = element
-        for path, prefix in grouped["path"]:  # only units read in this run have a target path
-            stats_cache.write_projection(
-                path, list(grouped["trajectories"]), list(grouped["quarantine"]), sum(grouped["read"]), prefix
-            )
-            beam.metrics.Metrics.counter("vlaprep", "stats_units_written").inc()
+    Raises ``OutputError`` naming the path when it is a file, a parent is a file, it is not writable
+    (read-only, permissions) or the disk is full, instead of failing in the pipeline's last step.
+    Object stores (no directories): one probe object written and deleted.
+    """
+    probe_name = f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if paths.is_remote(output_dir):
+        try:
+            probe = paths.join(output_dir, probe_name)
+            write_bytes_atomic(probe, b"vlaprep write probe\n")
+            paths.remove_tree(probe)
+        except OSError as e:  # Beam's filesystems raise BeamIOError (an IOError) for refused writes
+            raise OutputError(f"expected a writable {what} {output_dir!r}, got {type(e).__name__}: {e}") from e
+        return
+    local = output_dir[len("file://"):] if output_dir.startswith("file://") else output_dir
+    if os.path.lexists(local) and not os.path.isdir(local):
+        raise OutputError(
+            f"expected the {what} {output_dir!r} to be a directory, got a file (or a broken link); "
+            "hint: choose another --output"
+        )
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the {what} {output_dir!r}: {describe_environment_error(e)}") from e
+    probe = os.path.join(local, probe_name)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"vlaprep write probe\n")
+        finally:
+            os.close(fd)
+            if os.path.lexists(probe):
+                os.unlink(probe)
+    except OSError as e:
+        where = OSError(e.errno, e.strerror or os.strerror(e.errno or 0), output_dir)
+        raise OutputError(f"expected a writable {what} directory, got {describe_environment_error(where)}") from e
 
 
-class _LoadProjectionFn(beam.DoFn):
-    """(dataset, projection path) -> TrajectoryRecords; tagged QuarantineRecords and read counts."""
+class _ProjectUnitFn(beam.DoFn):
+    """UnitTask -> UnitSummary (``stats_cache.project_unit``); a projection that cannot be read is noted
+    in FAILURE_FILE for the driver, which reports it as one line."""
 
-    def process(self, element):
-        dataset, path, prefix = element
-        records, quarantine, episodes_read = stats_cache.load_projection(path, dataset, prefix)
-        beam.metrics.Metrics.counter("vlaprep", "stats_units_reused").inc()
-        yield from records
-        for q in quarantine:
-            yield beam.pvalue.TaggedOutput("quarantine", q)
-        yield beam.pvalue.TaggedOutput("read", (dataset, episodes_read))
+    def __init__(self, specs: dict, with_proprio: bool, output_dir: str):
+        self._specs = specs
+        self._with_proprio = with_proprio
+        self._output_dir = output_dir
+        self._parsers = None
+
+    def setup(self):
+        self._parsers = {}  # (dataset, dataset dir) -> RLDS parser, built once per worker
+
+    def process(self, task: stats_cache.UnitTask):
+        spec = self._specs[task.dataset]
+        parser = None
+        if not task.cached:
+            key = (task.dataset, task.unit.path)
+            if key not in self._parsers:
+                self._parsers[key] = sources.unit_parser(spec, task.unit)
+            parser = self._parsers[key]
+        try:
+            summary = stats_cache.project_unit(task, spec, self._with_proprio, parser)
+        except StatsCacheError as e:
+            _note_failure(self._output_dir, StatsCacheError, str(e))
+            raise
+        beam.metrics.Metrics.counter("vlaprep", "stats_units_reused" if task.cached else "stats_units_read").inc()
+        yield summary
 
 
-def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: str, force: bool = False):
-    """-> (new units to read: [(DatasetInput, [(SourceUnit, projection path)])], cached: [(dataset, path, prefix)])."""
-    new, cached = [], []
+def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: str, force: bool = False) -> list:
+    """-> [UnitTask] for every source unit of every input; ``cached`` where its projection exists (not with ``force``)."""
+    tasks = []
     for item in inputs:
-        todo = []
         # One listing per dataset, not one existence check per unit (each is a request on object stores).
         projection_dir = paths.dirname(stats_cache.projection_path(output_dir, item.name, "x"))
         present = set() if force else {paths.join(projection_dir, n) for n, _ in paths.list_files(projection_dir)}
@@ -128,66 +150,36 @@ def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: s
         for unit in units:
             key = stats_cache.unit_key(unit, item.spec, with_proprio, digests)
             path = stats_cache.projection_path(output_dir, item.name, key)
-            if path in present:
-                cached.append((item.name, path, unit.prefix))
-            else:
-                todo.append((unit, path))
-        if todo:
-            new.append((item, todo))
-    return new, cached
+            tasks.append(stats_cache.UnitTask(item.name, unit, path, path in present))
+    return tasks
 
 
 def build_stats_pipeline(
     pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], with_proprio: bool, finalizer: "StatsFinalizer", force: bool = False
 ) -> dict:
-    """Wire sources -> transforms -> statistics -> ``FinalizeStatistics``, which writes the outputs.
+    """Wire source units -> projections -> statistics -> ``FinalizeStatistics``, which writes the outputs.
 
-    Source units (RLDS shards, CALVIN splits) whose projection is cached are not read: their transformed
-    rows come from the cache; the others are read and their projections written for the next run.
-    Returns ``{"units_read": n, "units_reused": m}``.
+    One element per source unit (RLDS shard, CALVIN window run) from start to end: a unit is read,
+    transformed and projected in one worker call, or its cached projection is used; only per-unit
+    summaries and combiner accumulators cross stage boundaries, so the driver's and each worker's memory
+    do not grow with the number of episodes. Returns ``{"units_read": n, "units_reused": m}``.
     """
-    new, cached = plan_units(inputs, with_proprio, finalizer.output_dir, force)
+    tasks = plan_units(inputs, with_proprio, finalizer.output_dir, force)
     specs = {item.name: item.spec for item in inputs}
-    episodes, quarantined, targets = [], [], []
-    for item, todo in new:
-        read = pipeline | f"Read[{item.name}]" >> sources.read_units([u for u, _ in todo], item.spec)
-        episodes.append(read["episodes"])
-        quarantined.append(read["quarantine"])
-        targets += [((item.name, u.name), (path, u.prefix)) for u, path in todo]
-    all_episodes = episodes | "AllEpisodes" >> beam.Flatten(pipeline=pipeline)
-    transformed = all_episodes | "ApplyTransforms" >> ApplyDatasetTransform(specs)
-    new_quarantine = (quarantined + [transformed["quarantine"]]) | "NewQuarantine" >> beam.Flatten(pipeline=pipeline)
-
-    def unit_key(dataset: str, episode_id: str):
-        return dataset, sources.episode_unit(specs[dataset], episode_id)
-
-    _ = (
-        {
-            "path": pipeline | "UnitTargets" >> beam.Create(targets),
-            "trajectories": transformed["trajectories"] | "TrajectoryUnit" >> beam.Map(lambda r: (unit_key(r.dataset_name, r.episode_id), r)),
-            "quarantine": new_quarantine | "QuarantineUnit" >> beam.Map(lambda q: (unit_key(q.dataset_name, q.episode_id), q)),
-            "read": all_episodes | "EpisodeUnit" >> beam.Map(lambda e: (unit_key(e.dataset_name, e.episode_id), 1)),
-        }
-        | "GroupByUnit" >> beam.CoGroupByKey()
-        | "WriteProjections" >> beam.ParDo(_WriteProjectionFn())
-    )
-    loaded = (
+    summaries = (
         pipeline
-        | "CachedUnits" >> beam.Create(cached)
-        | "LoadProjections" >> beam.ParDo(_LoadProjectionFn()).with_outputs("quarantine", "read", main="trajectories")
+        | "ListUnits" >> beam.Create(tasks)
+        | "ProjectUnits" >> beam.ParDo(_ProjectUnitFn(specs, with_proprio, finalizer.output_dir))
     )
-    trajectories = (transformed["trajectories"], loaded.trajectories) | "AllTrajectories" >> beam.Flatten()
-    entries = trajectories | "Statistics" >> ComputeDatasetStatistics(
+    entries = summaries | "Statistics" >> ComputeDatasetStatistics(
         {item.name: item.spec.normalization_mask for item in inputs}, with_proprio=with_proprio
     )
-    quarantine = (
-        (new_quarantine, loaded.quarantine)
-        | "AllQuarantine" >> beam.Flatten()
-        | "QuarantineJson" >> beam.Map(lambda r: json.dumps(r.to_json_dict(), sort_keys=True))
+    quarantine = summaries | "QuarantineJson" >> beam.FlatMap(
+        lambda s: [json.dumps(r.to_json_dict(), sort_keys=True) for r in s.quarantine]
     )
     counts = (
-        (all_episodes | "DatasetOfEpisode" >> beam.Map(lambda e: (e.dataset_name, 1)), loaded.read)
-        | "AllReadCounts" >> beam.Flatten()
+        summaries
+        | "EpisodesOfUnit" >> beam.Map(lambda s: (s.dataset, s.episodes_read))
         | "CountRead" >> beam.CombinePerKey(sum)
     )
     _ = (
@@ -200,7 +192,8 @@ def build_stats_pipeline(
             beam.pvalue.AsList(counts),
         )
     )
-    return {"units_read": len(targets), "units_reused": len(cached)}
+    cached = sum(1 for t in tasks if t.cached)
+    return {"units_read": len(tasks) - cached, "units_reused": cached}
 
 
 @dataclasses.dataclass
@@ -247,7 +240,7 @@ class StatsFinalizer:
                 f"expected statistics for every dataset, got none for {missing!r}: no valid episode "
                 f"({counts} quarantined); see {paths.join(self.output_dir, QUARANTINE_FILE)} for the reasons"
             )
-            write_json_atomic(paths.join(self.output_dir, FAILURE_FILE), {"error": "NoValidEpisodesError", "message": message})
+            _note_failure(self.output_dir, NoValidEpisodesError, message)
             raise NoValidEpisodesError(message)
         statistics, new_cache = {}, {}
         for name in sorted(self.names):
@@ -267,6 +260,45 @@ class StatsFinalizer:
         # Statistics, then the cache that vouches for them: a crash between the two only costs a recompute.
         write_json_atomic(paths.join(self.output_dir, STATS_FILE), statistics)
         write_json_atomic(paths.join(self.output_dir, CACHE_FILE), new_cache, indent=1)
+
+
+def _note_failure(output_dir: str, error: type, message: str) -> None:
+    """Leave the reason of a refusal inside the pipeline for the driver (see ``run_stats``)."""
+    write_json_atomic(paths.join(output_dir, FAILURE_FILE), {"error": error.__name__, "message": message})
+
+
+def _noted_failure(failure_path: str) -> UserError | None:
+    """The error a pipeline step noted in ``failure_path``, if any."""
+    if not paths.isfile(failure_path):
+        return None
+    try:
+        note = json.loads(paths.read_text(failure_path))
+        return _PIPELINE_ERRORS[note["error"]](str(note["message"]))
+    except (ValueError, KeyError, TypeError):  # a note from another version: the pipeline's own error stands
+        return None
+
+
+def load_cache(cache_path: str, log=print) -> dict:
+    """The previous run's cache document, keeping only well-formed entries; {} when it is absent or
+    unreadable (a recompute then rebuilds it: the cache only saves work)."""
+    if not paths.isfile(cache_path):
+        return {}
+    try:
+        document = json.loads(paths.read_text(cache_path))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        log(f"[stats] {cache_path} is unreadable ({' '.join(str(e).split())[:200]}); recomputing every dataset")
+        return {}
+    if not isinstance(document, dict):
+        log(f"[stats] {cache_path} holds a {type(document).__name__}, expected an object; recomputing every dataset")
+        return {}
+    cache = {
+        name: entry for name, entry in document.items()
+        if isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) and isinstance(entry.get("entry"), dict)
+    }
+    dropped = sorted(set(document) - set(cache))
+    if dropped:
+        log(f"[stats] {cache_path}: malformed entries for {dropped!r}; recomputing them")
+    return cache
 
 
 class _FinalizeStatsFn(beam.DoFn):
@@ -293,13 +325,13 @@ def run_stats(
 
     The pipeline's last step writes the outputs (``StatsFinalizer``), so a run submitted with
     ``wait=False`` (Dataflow Flex Templates, ``--no-wait``) produces them without this process.
+    User errors: ``OutputError`` (before any Beam work), ``NoValidEpisodesError``, ``StatsCacheError``;
+    a full or read-only disk while writing is an ``OSError`` naming the file.
     """
     started = time.time()
-    paths.makedirs(output_dir)
+    check_output_dir(output_dir)
     cache_path = paths.join(output_dir, CACHE_FILE)
-    cache = {}
-    if not force and paths.isfile(cache_path):
-        cache = json.loads(paths.read_text(cache_path))
+    cache = {} if force else load_cache(cache_path, log)
     failure_path = paths.join(output_dir, FAILURE_FILE)
     if paths.exists(failure_path):
         paths.remove_tree(failure_path)
@@ -320,15 +352,17 @@ def run_stats(
         input_bytes = sum(sum(paths.sizes(sources.source_files(item.path, item.spec)).values()) for item in todo)
         pipeline = beam.Pipeline(options=beam_options(beam_args, input_bytes))
         units.update(build_stats_pipeline(pipeline, todo, with_proprio, finalizer, force))
-        job = pipeline.run()
-        if not wait:
-            log(f"[stats] submitted; {output_dir} is written by the pipeline's last step when it finishes")
-            return StatsResult({}, [], reused, [i.name for i in todo], {}, time.time() - started, units, job)
         try:
+            # Local runners execute the whole pipeline inside run(); others inside wait_until_finish().
+            job = pipeline.run()
+            if not wait:
+                log(f"[stats] submitted; {output_dir} is written by the pipeline's last step when it finishes")
+                return StatsResult({}, [], reused, [i.name for i in todo], {}, time.time() - started, units, job)
             job.wait_until_finish()
         except Exception:
-            if paths.isfile(failure_path):  # the pipeline's last step refused: report its reason as such
-                raise NoValidEpisodesError(json.loads(paths.read_text(failure_path))["message"]) from None
+            noted = _noted_failure(failure_path)  # a step refused: report its reason as such
+            if noted is not None:
+                raise noted from None
             raise
         log(f"[stats] read {units['units_read']} source units, reused {units['units_reused']} cached unit projections")
     statistics = json.loads(paths.read_text(paths.join(output_dir, STATS_FILE)))
@@ -369,7 +403,3 @@ def summary_table(result: StatsResult, cache: dict | None = None) -> str:
     for (name, kind), n in sorted(reasons.items()):
         lines.append(f"quarantined {name}: {n} x {kind}")
     return "\n".join(lines)
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

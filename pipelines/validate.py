@@ -36,24 +36,38 @@ exactly OpenVLA's "append 29871 if the last id is not 29871". Models:
   LLaVA): the text is ``processor.image_token + prompt``, so the model sees
   ``[BOS] + image tokens + prompt ids (+ 29871)`` -- the OpenVLA layout, where the patch embeddings
   follow BOS. Batches are left-padded.
-* OpenVLA checkpoints (``config.json`` ``auto_map["AutoModelForVision2Seq"]``, remote code) only with
-  ``trust_remote_code``: the class is loaded with ``get_class_from_dynamic_module``. Prismatic splices
-  the patches in after position 0, which padding would break, so a batch is run as sub-batches of equal
-  prompt length (no padding).
+* OpenVLA checkpoints (``config.json`` ``model_type`` "openvla"/"prismatic" with
+  ``auto_map["AutoModelForVision2Seq"]``, the ``openvla/openvla-7b`` layout) only with
+  ``trust_remote_code``: ``pipelines/openvla_model.py`` loads the checkpoint's own classes and decodes a
+  whole batch at once (vision backbone + projector on the batch, ``[BOS, patches, rest]`` per row,
+  left-padded, the language model's ``generate``): the ids of OpenVLA's ``predict_action``, batched.
+  Needs ``vlaprep[openvla]`` (timm, torchvision), checked before the pipeline starts.
+* other checkpoints that ship code (``auto_map``), only with ``trust_remote_code``: the class is loaded
+  with ``get_class_from_dynamic_module`` and driven like a native one, except that a batch is run as
+  sub-batches of equal prompt length (no padding: such code may not support it).
+
+The model directory is checked before the pipeline starts (``check_model_dir``): config.json, the
+weights (every shard an index names; safetensors files must be as long as their header says), a
+tokenizer file and the image processor's config; each problem is one ``ValidationError`` naming the file.
+
+Processor outputs other than ``input_ids`` / ``attention_mask`` / image tensors that are per token (e.g.
+``token_type_ids``) reach ``generate`` only when the model's ``forward`` names them (transformers 4.x
+rejects unused model kwargs). transformers >= 4.45: ``AutoModelForImageTextToText`` where it exists
+(``AutoModelForVision2Seq`` before), ``torch_dtype=`` before 4.56, ``dtype=`` after (``dtype_kwargs``).
 
 bf16 on CUDA, fp32 on CPU. The model, the processor and transformers are loaded in
 ``VlaModelHandler.load_model`` on the worker, never at construction (this module does not import
 torch or transformers itself; Beam's ``ml.inference.base`` imports torch when it is installed).
 
-Manifest fields read (``manifest.json`` beside the split folders):
-  files[]: {path (relative to the shard directory, "<split>/shard-*.parquet"), rows, [split]}
-  options: {action_chunk, normalization, action_encoding, vocab_size, [n_bins = 256]}
-  inputs.statistics.sha256: the statistics file's hash; whatever statistics are used must hash to it.
-  ``--statistics FILE`` names them; without it: ``statistics`` (content or path), ``statistics_path``,
-  ``statistics_file``, ``inputs.statistics.path`` in the manifest, or ``dataset_statistics.json``
-  beside the manifest. (``vlaprep shards`` currently records only the hash, so pass the flag.)
+The manifest (``manifest.json`` beside the split folders) is read with ``vlaprep.schemas.layout``: checked
+against ``schemas/manifest.schema.json``, every path confined to the shard directory. Fields used:
+  files[]: {path, split, rows} of the split validated
+  options: {action_chunk, action_dim, normalization, action_encoding, vocab_size, n_bins}
+  inputs.statistics: {sha256, path}: the statistics used must hash to ``sha256``. They are ``--statistics
+  FILE`` when given, else the copy ``vlaprep shards`` writes beside the shards (``path``,
+  ``inputs/dataset_statistics.json``); nothing else is looked for.
 The action width D is read from the Parquet schema (``action`` column) and checked against
-``options.action_dim`` when present.
+``options.action_dim``.
 """
 
 from __future__ import annotations
@@ -74,6 +88,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from vlaprep.errors import UserError
 from vlaprep.paths import confined
+from vlaprep.schemas.layout import MANIFEST_FILE, TRAIN, Manifest, read_manifest
 from vlaprep.transforms.action_tokenizer import ActionTokenizer
 from vlaprep.transforms.normalization import (
     BOUNDS,
@@ -88,8 +103,6 @@ from vlaprep.transforms.normalization import (
 )
 from vlaprep.transforms.prompt import openvla_inference_prompt, prompt_prefix_ids
 
-MANIFEST_FILE = "manifest.json"
-STATISTICS_FILE = "dataset_statistics.json"  # a copy beside the shards is used when the manifest names none
 REPORT_FILE = "validation_report.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_NAMESPACE = "vlaprep.validate"
@@ -135,7 +148,7 @@ class ShardLayout:
     n_bins: int
     statistics: Mapping[str, Any]  # dataset -> dataset_statistics entry
     statistics_source: str
-    statistics_fingerprint: str | None
+    statistics_fingerprint: str  # inputs.statistics.sha256 of the manifest
     dataset_rows: Mapping[str, int]  # rows of the split per dataset
 
     def __post_init__(self):
@@ -183,22 +196,14 @@ def _load_json(path: str, what: str):
         raise ValidationError(f"expected {what} at {path!r} to be JSON, got: {e}") from e
 
 
-def _manifest_statistics_sha256(manifest: Mapping[str, Any]) -> str | None:
-    """``inputs.statistics.sha256`` (what ``vlaprep shards`` records), or a top-level ``statistics_fingerprint``."""
-    inputs = manifest.get("inputs")
-    if isinstance(inputs, Mapping) and isinstance(inputs.get("statistics"), Mapping):
-        return inputs["statistics"].get("sha256")
-    return manifest.get("statistics_fingerprint")
-
-
-def _load_statistics_file(path: str, expected_sha256: str | None, what: str):
+def _load_statistics_file(path: str, expected_sha256: str, what: str):
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ValidationError(f"expected {what} at {path!r}, got no such file") from None
+        raise ValidationError(f"expected {what} at {path!r}, got no such file; hint: pass --statistics FILE") from None
     digest = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and digest != expected_sha256:
+    if digest != expected_sha256:
         raise ValidationError(
             f"expected the statistics the shards were written with (sha256 {expected_sha256[:12]}... in "
             f"{MANIFEST_FILE}), got sha256 {digest[:12]}... from {path}; hint: pass the dataset_statistics.json "
@@ -210,96 +215,49 @@ def _load_statistics_file(path: str, expected_sha256: str | None, what: str):
         raise ValidationError(f"expected {what} at {path!r} to be JSON, got: {e}") from e
 
 
-def _resolve_statistics(manifest: Mapping[str, Any], root: str, statistics_path: str | None):
-    """-> (statistics dict, source description, sha256 recorded in the manifest or None).
+def _resolve_statistics(manifest: Manifest, statistics_path: str | None) -> tuple[Mapping[str, Any], str]:
+    """-> (statistics dict, the file it came from).
 
-    Order: ``--statistics``; the manifest's ``statistics`` (content or path), ``statistics_path``,
-    ``statistics_file``, ``inputs.statistics.path``; ``dataset_statistics.json`` beside the manifest.
-    A file must hash to ``inputs.statistics.sha256`` when the manifest records one.
+    ``--statistics FILE`` when given, else the copy ``vlaprep shards`` writes (``inputs/dataset_statistics.json``,
+    the manifest's ``inputs.statistics.path``); either must hash to ``inputs.statistics.sha256``.
     """
-    sha256 = _manifest_statistics_sha256(manifest)
     if statistics_path is not None:
-        return _load_statistics_file(statistics_path, sha256, "dataset statistics (--statistics)"), statistics_path, sha256
-    inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), Mapping) else {}
-    recorded = inputs.get("statistics") if isinstance(inputs.get("statistics"), Mapping) else {}
-    candidates = {
-        "statistics": manifest.get("statistics"),
-        "statistics_path": manifest.get("statistics_path"),
-        "statistics_file": manifest.get("statistics_file"),
-        "inputs.statistics.path": recorded.get("path"),
-    }
-    if os.path.exists(os.path.join(root, STATISTICS_FILE)):  # a copy beside the shards
-        candidates[STATISTICS_FILE] = STATISTICS_FILE
-    for key, value in candidates.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping) and ("path" in value or "content" in value):
-            value = value.get("content", value.get("path"))
-        if isinstance(value, str):
-            try:
-                path = confined(root, value, f"{MANIFEST_FILE} key {key!r}")
-            except ValueError as e:
-                raise ValidationError(str(e)) from None
-            return _load_statistics_file(path, sha256, f"dataset statistics (manifest key {key!r})"), path, sha256
-        if isinstance(value, Mapping):
-            return value, f"{MANIFEST_FILE}[{key!r}]", sha256
-    only_hash = f" (the manifest records only its sha256 {sha256[:12]}...)" if sha256 else ""
-    raise ValidationError(
-        f"expected --statistics FILE: un-normalizing needs the dataset_statistics.json the shards were "
-        f"written with{only_hash}, and {os.path.join(root, MANIFEST_FILE)} does not say where it is"
-    )
-
-
-def _option(options: Mapping[str, Any], key: str, where: str, default=None):
-    if key in options:
-        return options[key]
-    if default is not None:
-        return default
-    raise ValidationError(f"expected option {key!r} in {where}, got options {sorted(options)!r}")
+        return _load_statistics_file(statistics_path, manifest.statistics_sha256, "dataset statistics (--statistics)"), statistics_path
+    path = manifest.statistics_path
+    return _load_statistics_file(path, manifest.statistics_sha256, f"the statistics copy of {MANIFEST_FILE}"), path
 
 
 def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | None = None) -> ShardLayout:
-    """Reads ``shards_dir/manifest.json`` (+ Parquet footers and the dataset_name column of the split)."""
+    """Reads ``shards_dir/manifest.json`` (+ Parquet footers and the dataset_name column of the split).
+
+    Raises ``vlaprep.schemas.layout.ManifestError`` for a missing manifest or one that is not what vlaprep shards writes."""
     import pyarrow.parquet as pq
 
     root = os.fspath(shards_dir)
+    manifest = read_manifest(root)
     manifest_path = os.path.join(root, MANIFEST_FILE)
-    manifest = _load_json(manifest_path, "a shard manifest")
-    entries = manifest.get("files")
-    if not isinstance(entries, list):
-        raise ValidationError(f"expected a 'files' list in {manifest_path}, got {type(entries).__name__}")
-    files, splits = [], set()
-    for entry in entries:
-        path = entry["path"]
-        entry_split = entry.get("split") or path.replace(os.sep, "/").split("/")[0]
-        splits.add(entry_split)
-        if entry_split == split:
-            files.append((path, int(entry["rows"])))
-    if not files:
+    entries = manifest.files(split)
+    if not entries:
+        splits = sorted({f.split for f in manifest.files()})
         raise ValidationError(
-            f"expected shard files for split {split!r} in {manifest_path}, got splits {sorted(splits)!r}; "
-            f"hint: --split {sorted(splits)[0] if splits else 'train'}"
+            f"expected shard files for split {split!r} in {manifest_path}, got splits {splits!r}; "
+            f"hint: --split {splits[0] if splits else TRAIN}"
         )
-    options = manifest.get("options", {})
-    where = f"{manifest_path} options"
-    chunk = int(_option(options, "action_chunk", where, default=1))
-    normalization = str(_option(options, "normalization", where))
-    encoding = str(_option(options, "action_encoding", where, default="uniform"))
-    vocab_size = int(_option(options, "vocab_size", where))
-    n_bins = int(_option(options, "n_bins", where, default=256))
+    files = tuple((f.path, f.rows) for f in entries)
+    options = manifest.options
+    chunk = int(options["action_chunk"])
+    normalization = str(options["normalization"])
+    encoding = str(options["action_encoding"])
+    vocab_size = int(options["vocab_size"])
+    n_bins = int(options["n_bins"])
 
-    for path, _rows in files:
-        try:
-            confined(root, path, f"{manifest_path} 'files'")
-        except ValueError as e:
-            raise ValidationError(str(e)) from None
-    first = os.path.join(root, files[0][0])
+    first = manifest.path(files[0][0])
     schema = pq.read_schema(first)
     if "action" not in schema.names or "action_token_ids" not in schema.names:
         raise ValidationError(f"expected the shard columns of schemas/shards.py in {first}, got {schema.names!r}")
     dim = schema.field("action").type.list_size
     ids_width = schema.field("action_token_ids").type.list_size
-    if "action_dim" in options and int(options["action_dim"]) != dim:
+    if int(options["action_dim"]) != dim:
         raise ValidationError(f"expected action width {options['action_dim']} (manifest options.action_dim) in {first}, got {dim}")
     if ids_width != chunk * dim:
         raise ValidationError(
@@ -308,18 +266,18 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
         )
     dataset_rows: dict[str, int] = {}
     for path, rows in files:
-        full = os.path.join(root, path)
+        full = manifest.path(path)
         metadata_rows = pq.read_metadata(full).num_rows
         if metadata_rows != rows:
             raise ValidationError(f"expected {rows} rows in {full} (manifest), got {metadata_rows}")
         names = pq.read_table(full, columns=["dataset_name"]).column(0).value_counts()
         for item in names.to_pylist():
             dataset_rows[item["values"]] = dataset_rows.get(item["values"], 0) + int(item["counts"])
-    statistics, source, fingerprint = _resolve_statistics(manifest, root, statistics_path)
+    statistics, source = _resolve_statistics(manifest, statistics_path)
     return ShardLayout(
         root=root,
         split=split,
-        files=tuple(files),
+        files=files,
         action_chunk=chunk,
         action_dim=dim,
         normalization=normalization,
@@ -328,7 +286,7 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
         n_bins=n_bins,
         statistics=statistics,
         statistics_source=source,
-        statistics_fingerprint=fingerprint,
+        statistics_fingerprint=manifest.statistics_sha256,
         dataset_rows=dict(sorted(dataset_rows.items())),
     )
 
@@ -731,6 +689,135 @@ class ModelSpec:
             raise ValidationError(f"expected --device auto, cpu or cuda, got {self.device!r}")
 
 
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_safetensors(path: str) -> None:
+    """The file is as long as its header says: 8-byte header length, JSON header, then every tensor's bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else None
+        if header_len is None or header_len > size - 8:
+            raise ValidationError(
+                f"expected a complete safetensors file at {path!r}, got {size} bytes, shorter than its header "
+                "says (truncated); hint: download or copy the weights again"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValidationError(f"expected a safetensors header in {path!r}, got unreadable bytes ({e}); hint: download the weights again") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        raise ValidationError(
+            f"expected {8 + header_len + end} bytes in {path!r} (its header's tensors), got {size} "
+            f"({'truncated' if size < 8 + header_len + end else 'trailing bytes'}); hint: download or copy the weights again"
+        )
+
+
+def _check_weights_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ValidationError(f"expected the weights file {path!r}, got no such file; hint: download or copy the checkpoint again")
+    if path.endswith(".safetensors"):
+        _check_safetensors(path)
+    elif path.endswith(".bin"):
+        import zipfile
+
+        with open(path, "rb") as f:
+            is_zip_start = f.read(4) == b"PK\x03\x04"
+        if is_zip_start and not zipfile.is_zipfile(path):  # torch's zip format without its end: truncated
+            raise ValidationError(f"expected a complete torch checkpoint at {path!r}, got a truncated zip archive; hint: download the weights again")
+
+
+def check_model_dir(path: str, kind: str) -> None:
+    """One ``ValidationError`` naming the file for a missing / truncated / unreadable part of the model directory.
+
+    Weights: an index (``model.safetensors.index.json`` ...) and every shard it names, else
+    ``model.safetensors`` / ``pytorch_model.bin``; a tokenizer file (``TOKENIZER_FILES``); an image
+    processor config (``IMAGE_PROCESSOR_FILES``; OpenVLA: ``preprocessor_config.json``); for remote code,
+    every ``*.py`` module its ``auto_map`` entries name.
+    """
+    config = _load_json(os.path.join(path, CONFIG_FILE), "a model config.json (a local Hugging Face checkpoint)")
+    index = next((os.path.join(path, n) for n in WEIGHT_INDEX_FILES if os.path.exists(os.path.join(path, n))), None)
+    if index is not None:
+        weight_map = _load_json(index, "a weights index").get("weight_map")
+        if not isinstance(weight_map, Mapping) or not weight_map:
+            raise ValidationError(f"expected a 'weight_map' of tensor -> file in {index!r}, got {type(weight_map).__name__}")
+        for name in sorted(set(weight_map.values())):
+            try:
+                shard = confined(path, name, f"{index} weight_map")
+            except ValueError as e:
+                raise ValidationError(str(e)) from None
+            _check_weights_file(shard)
+    else:
+        single = next((os.path.join(path, n) for n in WEIGHT_FILES if os.path.exists(os.path.join(path, n))), None)
+        if single is None:
+            raise ValidationError(
+                f"expected model weights in {path!r} ({' or '.join(WEIGHT_FILES)}, or an index "
+                f"{' / '.join(WEIGHT_INDEX_FILES)} with its shards), got none; hint: is the download complete?"
+            )
+        _check_weights_file(single)
+    if not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ValidationError(
+            f"expected a tokenizer in {path!r} (tokenizer.json or tokenizer.model beside tokenizer_config.json), "
+            f"got none of {', '.join(TOKENIZER_FILES)}; hint: save the tokenizer with the model (save_pretrained)"
+        )
+    for name in ("tokenizer_config.json", "special_tokens_map.json", *IMAGE_PROCESSOR_FILES, "generation_config.json"):
+        if os.path.exists(os.path.join(path, name)):
+            _load_json(os.path.join(path, name), f"a {name}")
+    from vlaprep.pipelines.openvla_model import IMAGE_PROCESSOR_CONFIG, is_openvla_config
+
+    wanted = (IMAGE_PROCESSOR_CONFIG,) if is_openvla_config(config) else IMAGE_PROCESSOR_FILES
+    if not any(os.path.exists(os.path.join(path, n)) for n in wanted):
+        raise ValidationError(
+            f"expected the image processor's config in {path!r} ({' or '.join(wanted)}), got none; "
+            "hint: save the processor with the model (save_pretrained)"
+        )
+    if kind == REMOTE_CODE:
+        maps = [config.get("auto_map") or {}]
+        for name in IMAGE_PROCESSOR_FILES + ("tokenizer_config.json",):
+            if os.path.exists(os.path.join(path, name)):
+                maps.append(_load_json(os.path.join(path, name), f"a {name}").get("auto_map") or {})
+        for auto_map in maps:
+            for reference in auto_map.values():
+                for ref in reference if isinstance(reference, list) else [reference]:
+                    if isinstance(ref, str) and "--" not in ref and "." in ref:  # "repo--module.Class" would be the hub
+                        module = os.path.join(path, ref.rsplit(".", 1)[0] + ".py")
+                        if not os.path.exists(module):
+                            raise ValidationError(
+                                f"expected {os.path.basename(module)} in {path!r} (config auto_map names {ref!r}), "
+                                "got no such file; hint: copy the checkpoint's *.py files with it"
+                            )
+
+
+def dtype_kwargs(dtype) -> dict:
+    """``from_pretrained`` keyword for the dtype: ``dtype=`` from transformers 4.56 on, ``torch_dtype=`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(transformers.__version__).release >= (4, 56) else {"torch_dtype": dtype}
+
+
+def image_text_auto_class():
+    """``AutoModelForImageTextToText`` (transformers >= 4.46 and 5.x), else ``AutoModelForVision2Seq``."""
+    try:
+        from transformers import AutoModelForImageTextToText as cls
+    except ImportError:
+        from transformers import AutoModelForVision2Seq as cls
+    return cls
+
+
+def is_openvla_dir(path: str) -> bool:
+    from vlaprep.pipelines.openvla_model import is_openvla_config
+
+    return is_openvla_config(_load_json(os.path.join(path, CONFIG_FILE), "a model config.json (a local Hugging Face checkpoint)"))
+
+
 def model_kind(path: str, trust_remote_code: bool) -> tuple[str, str | None]:
     """``(NATIVE, None)`` or ``(REMOTE_CODE, "module.Class")`` from ``path/config.json``; refuses remote code
     without ``trust_remote_code`` (ValidationError, one line)."""
@@ -792,6 +879,8 @@ class LoadedModel:
     pad_id: int
     image_token: str | None
     tails: dict = dataclasses.field(default_factory=dict)
+    forward_args: frozenset = frozenset()  # parameters model.forward names (per-token extras must be one)
+    openvla: Any = None  # an openvla_model.OpenVLABackend for OpenVLA checkpoints (then model/processor are its)
 
 
 class VlaModelHandler(ModelHandler[ShardRow, PredictionResult, LoadedModel]):
@@ -816,29 +905,39 @@ class VlaModelHandler(ModelHandler[ShardRow, PredictionResult, LoadedModel]):
         return METRICS_NAMESPACE
 
     def load_model(self) -> LoadedModel:
+        import inspect
+
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         spec = self._spec
         kind, reference = model_kind(spec.path, spec.trust_remote_code)
         device = resolve_device(spec.device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if kind == REMOTE_CODE and is_openvla_dir(spec.path):
+            from vlaprep.pipelines.openvla_model import load_openvla
+
+            backend = load_openvla(spec.path, device, dtype)
+            return LoadedModel(backend.model, backend.image_processor, kind, backend.class_name, device, dtype,
+                               backend.pad_id, None, openvla=backend)
         common = dict(local_files_only=True, trust_remote_code=spec.trust_remote_code)
         if kind == REMOTE_CODE:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
             cls = get_class_from_dynamic_module(reference, spec.path, local_files_only=True)
-            model = cls.from_pretrained(spec.path, dtype=dtype, **common)
         else:
-            model = AutoModelForImageTextToText.from_pretrained(spec.path, dtype=dtype, **common)
+            cls = image_text_auto_class()
+        model = cls.from_pretrained(spec.path, **dtype_kwargs(dtype), **common)
         model = model.to(device).eval()
         processor = AutoProcessor.from_pretrained(spec.path, **common)
         tokenizer = getattr(processor, "tokenizer", processor)
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
             pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        image_token = getattr(processor, "image_token", None)  # LLaVA-style processors; OpenVLA's has none
-        return LoadedModel(model, processor, kind, type(model).__name__, device, dtype, int(pad_id), image_token)
+        image_token = getattr(processor, "image_token", None)  # LLaVA-style processors
+        forward_args = frozenset(inspect.signature(model.forward).parameters)
+        return LoadedModel(model, processor, kind, type(model).__name__, device, dtype, int(pad_id), image_token,
+                           forward_args=forward_args)
 
     def _encode(self, loaded: LoadedModel, row: ShardRow) -> dict:
         from PIL import Image
@@ -861,6 +960,9 @@ class VlaModelHandler(ModelHandler[ShardRow, PredictionResult, LoadedModel]):
         encoded["attention_mask"] = [1] * len(ids)
         for key, value in list(encoded.items()):  # other per-token tensors: cut / extend like the ids
             if key not in ("input_ids", "attention_mask") and hasattr(value, "shape") and value.ndim == 2 and value.shape[1] == length:
+                if key not in loaded.forward_args:  # e.g. token_type_ids of a plain tokenizer: 4.x generate rejects it
+                    del encoded[key]
+                    continue
                 kept = value[0].tolist()[: length - len(drop)]
                 encoded[key] = kept + [0] * len(add)
         return encoded
@@ -882,6 +984,27 @@ class VlaModelHandler(ModelHandler[ShardRow, PredictionResult, LoadedModel]):
             batch[key] = value.to(loaded.dtype) if value.is_floating_point() else value
         return batch
 
+    def _run_processor_model(self, batch: Sequence[ShardRow], model: LoadedModel) -> tuple[list[np.ndarray], float]:
+        """Native (and other remote-code) models: processor per row, collate, ``model.generate``."""
+        encoded = [self._encode(model, row) for row in batch]
+        if model.kind == REMOTE_CODE:  # unknown code may not support padding: equal-length sub-batches
+            groups: dict[int, list[int]] = {}
+            for i, e in enumerate(encoded):
+                groups.setdefault(len(e["input_ids"]), []).append(i)
+            index_groups = list(groups.values())
+        else:
+            index_groups = [list(range(len(batch)))]
+        generated: list[np.ndarray | None] = [None] * len(batch)
+        generate_seconds = 0.0
+        for indices in index_groups:
+            inputs = self._collate(model, [encoded[i] for i in indices])
+            t0 = time.perf_counter()
+            ids = self._generate(model, inputs)
+            generate_seconds += time.perf_counter() - t0
+            for j, i in enumerate(indices):
+                generated[i] = ids[j]
+        return generated, generate_seconds
+
     def _generate(self, loaded: LoadedModel, batch: dict) -> np.ndarray:
         import torch
         from transformers import LogitsProcessorList
@@ -898,25 +1021,25 @@ class VlaModelHandler(ModelHandler[ShardRow, PredictionResult, LoadedModel]):
             )
         return out[:, -spec.num_new_tokens :].cpu().numpy().astype(np.int64)
 
+    def _run_openvla(self, batch: Sequence[ShardRow], model: LoadedModel) -> tuple[list[np.ndarray], float]:
+        """OpenVLA: the whole batch in one language-model ``generate`` (openvla_model.OpenVLABackend)."""
+        from transformers import LogitsProcessorList
+
+        spec = self._spec
+        encoded = [model.openvla.encode(row.instruction, row.image_primary) for row in batch]
+        t0 = time.perf_counter()
+        ids = model.openvla.generate(
+            encoded, spec.num_new_tokens,
+            LogitsProcessorList([ActionTokenMask(spec.action_token_min, spec.action_token_max)]),
+        )
+        return list(ids), time.perf_counter() - t0
+
     def run_inference(self, batch: Sequence[ShardRow], model: LoadedModel, inference_args=None):
         started = time.perf_counter()
-        encoded = [self._encode(model, row) for row in batch]
-        if model.kind == REMOTE_CODE:  # Prismatic splices patches after position 0: no padding
-            groups: dict[int, list[int]] = {}
-            for i, e in enumerate(encoded):
-                groups.setdefault(len(e["input_ids"]), []).append(i)
-            index_groups = list(groups.values())
+        if model.openvla is not None:
+            generated, generate_seconds = self._run_openvla(batch, model)
         else:
-            index_groups = [list(range(len(batch)))]
-        generated: list[np.ndarray | None] = [None] * len(batch)
-        generate_seconds = 0.0
-        for indices in index_groups:
-            inputs = self._collate(model, [encoded[i] for i in indices])
-            t0 = time.perf_counter()
-            ids = self._generate(model, inputs)
-            generate_seconds += time.perf_counter() - t0
-            for j, i in enumerate(indices):
-                generated[i] = ids[j]
+            generated, generate_seconds = self._run_processor_model(batch, model)
         seconds = time.perf_counter() - started
         n = len(batch)
         outside = sum(int((~((g >= self._spec.action_token_min) & (g <= self._spec.action_token_max))).sum()) for g in generated)

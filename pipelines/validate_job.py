@@ -4,6 +4,11 @@ Outputs in ``VAL``:
   validation_report.json   data round trip + model metrics (schemas/validation_report.schema.json)
   predictions.jsonl        one line per sampled row: dataset_name, episode_id, step_index,
                            action_token_ids (stored), generated_token_ids; sorted by those keys
+                           (each line: schemas/predictions.schema.json, checked before writing)
+
+Before the pipeline starts, the model directory is checked (``check_model_dir``: config, weights,
+tokenizer, processor config, remote-code modules) and, for OpenVLA checkpoints, OpenVLA's dependencies
+(``openvla_model.check_openvla_dependencies``): each problem is one ``ValidationError`` line.
 
 Runner: unless ``--runner`` is given, Beam's FnApiRunner runs in-process with one worker
 (``--direct_running_mode=in_memory --direct_num_workers=1``): the model is loaded once and owns the
@@ -25,7 +30,8 @@ import apache_beam as beam
 
 from vlaprep import paths
 from vlaprep.paths import confined
-from vlaprep.pipelines.stats_job import beam_options, write_json_atomic
+from vlaprep.pipelines.job import beam_options
+from vlaprep.pipelines.stats_job import write_json_atomic
 from vlaprep.pipelines.validate import (
     PREDICTIONS_FILE,
     REPORT_FILE,
@@ -35,11 +41,46 @@ from vlaprep.pipelines.validate import (
     ValidateShards,
     ValidationError,
     build_report,
+    check_model_dir,
+    is_openvla_dir,
     load_layout,
     model_kind,
     resolve_device,
 )
-from vlaprep.schemas import validate_json
+from vlaprep.schemas import load_json_schema, validate_json
+from vlaprep.schemas.layout import INPUTS_DIR, MANIFEST_FILE, read_manifest
+
+PREDICTIONS_SCHEMA = "predictions"
+
+
+def validate_predictions(records) -> None:
+    """Raise ``jsonschema.ValidationError`` unless every record matches ``schemas/predictions.schema.json``
+    and its stored and generated id lists have the same length (one validator for all lines)."""
+    import jsonschema
+
+    schema = load_json_schema(PREDICTIONS_SCHEMA)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    for number, record in enumerate(records, 1):
+        validator.validate(record)
+        if len(record["action_token_ids"]) != len(record["generated_token_ids"]):
+            raise jsonschema.ValidationError(
+                f"expected as many generated_token_ids as action_token_ids on line {number}, got "
+                f"{len(record['generated_token_ids'])} and {len(record['action_token_ids'])}"
+            )
+
+
+def _user_error_in(exc: BaseException) -> ValidationError | None:
+    """A ``ValidationError`` raised in a worker (load_model), found through the cause chain Beam keeps."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ValidationError):
+            return e
+        stack.extend([e.__cause__, e.__context__])
+    return None
 
 
 def validate_beam_options(beam_args: Sequence[str]):
@@ -73,16 +114,22 @@ def mirror_split(shards_dir: str, split: str, local_dir: str) -> str:
     split's files, checked against the manifest's sha256) into ``local_dir``; returns ``local_dir``."""
     from vlaprep.pipelines.shards import file_sha256
 
-    manifest_bytes = paths.read_bytes(paths.join(shards_dir, "manifest.json"))
-    paths.write_bytes_atomic(os.path.join(local_dir, "manifest.json"), manifest_bytes)
-    for name, _size in paths.list_files(paths.join(shards_dir, "inputs")):
-        paths.copy_file(paths.join(shards_dir, "inputs", name), os.path.join(local_dir, "inputs", name))
-    for entry in json.loads(manifest_bytes).get("files", []):
-        if entry.get("split") == split:
-            local = confined(local_dir, entry["path"], "manifest.json 'files'")
-            paths.copy_file(confined(shards_dir, entry["path"], "manifest.json 'files'"), local)
-            if "sha256" in entry and file_sha256(local) != entry["sha256"]:
-                raise ValidationError(f"expected {entry['path']} with sha256 {entry['sha256']} in {shards_dir!r}, got another digest")
+    fetched: dict[str, bytes] = {}
+
+    def read_bytes(path: str) -> bytes:  # keep the bytes read: the mirror gets them as they are
+        fetched[path] = paths.read_bytes(path)
+        return fetched[path]
+
+    manifest = read_manifest(shards_dir, read_bytes)
+    (manifest_bytes,) = fetched.values()
+    paths.write_bytes_atomic(os.path.join(local_dir, MANIFEST_FILE), manifest_bytes)
+    for name, _size in paths.list_files(paths.join(shards_dir, INPUTS_DIR)):
+        paths.copy_file(paths.join(shards_dir, INPUTS_DIR, name), os.path.join(local_dir, INPUTS_DIR, name))
+    for entry in manifest.files(split):
+        local = confined(local_dir, entry.path, f"{MANIFEST_FILE} 'files'")
+        paths.copy_file(manifest.path(entry.path), local)
+        if file_sha256(local) != entry.sha256:
+            raise ValidationError(f"expected {entry.path} with sha256 {entry.sha256} in {shards_dir!r}, got another digest")
     return local_dir
 
 
@@ -107,6 +154,11 @@ def run_validate(
     if not os.path.isdir(model_dir):
         raise ValidationError(f"expected a local model directory for --model, got {model_dir!r}")
     kind, _ = model_kind(model_dir, trust_remote_code)  # refuses remote code early, one line
+    check_model_dir(model_dir, kind)  # missing / truncated files: one line naming the file
+    if trust_remote_code and is_openvla_dir(model_dir):
+        from vlaprep.pipelines.openvla_model import check_openvla_dependencies
+
+        check_openvla_dependencies()  # timm / torchvision: one line saying what to install
     # Inference runs where the accelerator is; shards in an object store are fetched (one split) first.
     mirror = tempfile.mkdtemp(prefix="vlaprep-validate-shards-") if paths.is_remote(shards_dir) else None
     try:
@@ -147,19 +199,25 @@ def _run_validate(shards_dir, local_shards, model_dir, output_dir, kind, split, 
     # The pipeline's JSON lines stay on this machine (validation runs where the model is).
     work_dir = tempfile.mkdtemp(prefix=".validate-work-", dir=None if paths.is_remote(output_dir) else output_dir)
     try:
-        with beam.Pipeline(options=validate_beam_options(beam_args)) as pipeline:
-            outputs = pipeline | "Validate" >> ValidateShards(layout, spec, max_samples)
-            for name in ("round_trip", "model"):
+        try:
+            with beam.Pipeline(options=validate_beam_options(beam_args)) as pipeline:
+                outputs = pipeline | "Validate" >> ValidateShards(layout, spec, max_samples)
+                for name in ("round_trip", "model"):
+                    _ = (
+                        outputs[name]
+                        | f"{name}Json" >> beam.MapTuple(lambda key, acc: json.dumps([key, acc.to_json()]))
+                        | f"Write[{name}]" >> beam.io.WriteToText(os.path.join(work_dir, name, "part"), num_shards=1)
+                    )
                 _ = (
-                    outputs[name]
-                    | f"{name}Json" >> beam.MapTuple(lambda key, acc: json.dumps([key, acc.to_json()]))
-                    | f"Write[{name}]" >> beam.io.WriteToText(os.path.join(work_dir, name, "part"), num_shards=1)
+                    outputs["predictions"]
+                    | "PredictionJson" >> beam.Map(json.dumps)
+                    | "WritePredictions" >> beam.io.WriteToText(os.path.join(work_dir, "predictions", "part"), num_shards=1)
                 )
-            _ = (
-                outputs["predictions"]
-                | "PredictionJson" >> beam.Map(json.dumps)
-                | "WritePredictions" >> beam.io.WriteToText(os.path.join(work_dir, "predictions", "part"), num_shards=1)
-            )
+        except Exception as e:  # a worker's ValidationError (e.g. from load_model) stays one line
+            user_error = _user_error_in(e)
+            if user_error is None:
+                raise
+            raise ValidationError(str(user_error).splitlines()[0]) from e
         round_trip = {k: RoundTripAccumulator.from_json(v) for k, v in _read_lines(os.path.join(work_dir, "round_trip"))}
         model = {k: ModelAccumulator.from_json(v) for k, v in _read_lines(os.path.join(work_dir, "model"))}
         predictions = _read_lines(os.path.join(work_dir, "predictions"))
@@ -177,6 +235,7 @@ def _run_validate(shards_dir, local_shards, model_dir, output_dir, kind, split, 
     )
     report["shards"] = shards_dir  # where the shards are, not the local copy that was read
     validate_json(report, "validation_report")
+    validate_predictions(predictions)
     predictions_path = paths.join(output_dir, PREDICTIONS_FILE)
     paths.write_bytes_atomic(predictions_path, "".join(json.dumps(record) + "\n" for record in predictions).encode())
     report_path = paths.join(output_dir, REPORT_FILE)

@@ -9,7 +9,9 @@ Episode
                                     RLDS ``"<split>/<shard file name>/<record index>"``,
                                     CALVIN ``"<split dir>/<start>-<end>"`` (half-open frame window)
   split:        str                 the source split (``"train"``, ``"val"``, ``"training"``, ...)
-  language:     str                 instruction as stored (UTF-8 decoded, not lower-cased); ``""`` if none
+  language:     str                 instruction as stored (UTF-8 decoded, not lower-cased): the first non-empty
+                                    step's; ``""`` if none
+  step_languages: tuple[str]        RLDS: every step's instruction (OpenVLA reads them per step); CALVIN: ()
   steps:        dict[str, ndarray]  non-image per-step fields with flattened keys, first axis T:
                                     ``"action": [T, 7] float32``, ``"observation/state": [T, 7] float32``,
                                     CALVIN ``"actions"``, ``"rel_actions"``, ``"robot_obs"``: [T, k] float32
@@ -40,6 +42,11 @@ class Episode:
     language: str
     steps: dict
     images: dict = dataclasses.field(default_factory=dict)
+    step_languages: tuple = ()  # per source step (RLDS); () when the source has one per episode (CALVIN)
+
+    def instruction_at(self, step: int) -> str:
+        """The instruction of source step ``step``: its own where the source has one per step, else the episode's."""
+        return self.step_languages[step] if self.step_languages else self.language
 
     @property
     def num_steps(self) -> int:
@@ -57,3 +64,14 @@ class QuarantineRecord:
 
     def to_json_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def quarantine_jsonl(records) -> bytes:
+    """The one writer of ``quarantine.jsonl`` (statistics and shards): one JSON object per line, keys
+    sorted, records in (dataset_name, episode_id, stage) order; each record matches
+    ``schemas/quarantine_record.schema.json``. ``records``: QuarantineRecords or their dicts."""
+    import json
+
+    rows = [r.to_json_dict() if isinstance(r, QuarantineRecord) else dict(r) for r in records]
+    rows.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")

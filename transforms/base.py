@@ -11,6 +11,8 @@ shards and training all consume:
 
 Transforms raise ``TransformError`` (a ``ValueError``) with "expected X, got Y for K in D" messages for
 episodes they cannot handle (too short, missing key, wrong width); pipelines quarantine those episodes.
+``EmptyTrajectoryError`` (a ``TransformError``) marks an episode that standardizes to zero steps and that
+OpenVLA keeps as an empty trajectory (counted in ``num_trajectories``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,26 @@ import numpy as np
 
 class TransformError(ValueError):
     """An episode the transform cannot turn into a trajectory; pipelines quarantine it."""
+
+
+class EmptyTrajectoryError(TransformError):
+    """The episode standardizes to zero steps, and OpenVLA keeps it as an empty trajectory.
+
+    OpenVLA's statistics count such a trajectory in ``num_trajectories`` and add no transitions (a
+    2-step Bridge episode loses its first and last step). Where OpenVLA's graph itself fails on the
+    episode (its gripper scans over an empty column), transforms raise a plain ``TransformError`` or
+    return the 0-step trajectory, which pipelines quarantine; only this exception means "counted".
+    ``trajectory`` holds the empty result (``action: [0, D]``, ``proprio: [0, P]``).
+
+    A ``TransformError`` subclass so a pipeline that does not know it quarantines the episode.
+    """
+
+    def __init__(self, message: str, trajectory: "Trajectory"):
+        super().__init__(message)
+        self.trajectory = trajectory
+
+    def __reduce__(self):  # pickles with its trajectory (Beam may move exceptions between processes)
+        return (type(self), (self.args[0], self.trajectory))
 
 
 class ActionEncoding(enum.Enum):

@@ -1,134 +1,144 @@
-"""Open X-Embodiment per-dataset transforms (OpenVLA's ``oxe/transforms.py`` + ``oxe/configs.py``), NumPy.
+"""Open X-Embodiment, RT-X layouts: per-dataset transforms of OpenVLA's ``oxe/transforms.py``, in NumPy.
 
-Each transform is ``fn(steps) -> Trajectory`` (see ``base.py``): ``steps`` maps flattened RLDS step
-keys (``"action"``, ``"action/world_vector"``, ``"observation/state"``...) to arrays with a leading
-time axis T. The output is
+The datasets here store the action as a dict (``action/world_vector``, ``action/rotation_delta``, a gripper
+key) and, except Bridge V2's own release, the instruction under ``observation/natural_language_instruction``
+(Language Table: ``observation/instruction`` as int32 code points). Each transform is ``fn(steps) ->
+Trajectory`` (see ``base.py``; readers in ``steps.py``):
 
   action:     [T', 7] float32   6 EEF deltas (xyz, rpy) + absolute gripper (1 open, 0 closed)
-  proprio:    [T', P] float32   OpenVLA's ``state_obs_keys`` concatenated; a ``None`` entry there is
-                                one zero column (bridge_orig: state[:, :6] ++ 0 ++ state[:, -1:], P = 8)
+  proprio:    [T', P] float32   OpenVLA's ``state_obs_keys`` of the dataset concatenated, a zero column per
+                                ``None`` (``*_STATE_OBS``; P = 8 here)
   step_index: [T'] int64        source step of each output step (for images and language)
 
-T' = T except for Bridge (T' = T - 2, see ``bridge_orig_transform``). Inputs are cast to float32 first,
-as OpenVLA's TF graph held them, so differences (Bridge relabelling) are float32 arithmetic.
-
-The ``*_KEYS`` tuples name every step key each transform reads; the registry publishes them as
-``required_keys`` so sources decode only those. ``require_keys`` / ``read_matrix`` / ``read_column`` are
-shared with ``calvin.py`` and the registry's generic transform.
+T' = T except for Bridge (T' = T - 2). Inputs are cast to float32 first, as OpenVLA's graph held them.
+Zero-step results follow OpenVLA (``steps.py``): ``EmptyTrajectoryError`` where it keeps an empty
+trajectory (a 2-step Bridge episode), a ``TransformError`` or an uncounted 0-step trajectory where its
+graph fails (a 1-step ``bridge_orig`` episode; ``rel2abs`` over 0 steps).
+``*_SHAPES`` give the per-step shape of every key a transform reads, from the dataset's features.json
+(``shared/reference/oxe_layouts.json``); the registry publishes their keys as ``required_keys``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
-from vlaprep.transforms.base import Trajectory, TransformError
-from vlaprep.transforms.gripper import (
-    binarize_gripper_actions,
-    invert_gripper_actions,
-    rel2abs_gripper_actions,
+from vlaprep.transforms.base import EmptyTrajectoryError, Trajectory, TransformError
+from vlaprep.transforms.gripper import binarize_gripper_actions, rel2abs_gripper_actions
+from vlaprep.transforms.steps import (  # noqa: F401 - re-exported: calvin.py and the registry import them here
+    check_lengths,
+    invert_clip01,
+    read_column,
+    read_matrix,
+    read_steps,
+    read_zlib_matrix,
+    require_keys,
+    state_proprio,
+    trajectory,
+    zeros,
 )
 
-# --- Step keys each transform reads (the registry's required_keys) -------------------------------
-BRIDGE_ORIG_KEYS = ("action", "observation/state")
-FRACTAL_KEYS = (
-    "action/world_vector",
-    "action/rotation_delta",
-    "action/gripper_closedness_action",
-    "observation/base_pose_tool_reached",
-    "observation/gripper_closed",
-)
-TACO_PLAY_KEYS = ("action/rel_actions_world", "observation/robot_obs")
-JACO_PLAY_KEYS = (
-    "action/world_vector",
-    "action/gripper_closedness_action",
-    "observation/end_effector_cartesian_pos",
-)
-BERKELEY_CABLE_ROUTING_KEYS = ("action/world_vector", "action/rotation_delta", "observation/robot_state")
-ROBOTURK_KEYS = ("action/world_vector", "action/rotation_delta", "action/gripper_closedness_action")
-VIOLA_KEYS = (
-    "action/world_vector",
-    "action/rotation_delta",
-    "action/gripper_closedness_action",
-    "observation/joint_states",
-    "observation/gripper_states",
-)
-TOTO_KEYS = ("action/world_vector", "action/rotation_delta", "action/open_gripper", "observation/state")
-LANGUAGE_TABLE_KEYS = ("action", "observation/effector_translation")
+_WV, _RD, _GCA = "action/world_vector", "action/rotation_delta", "action/gripper_closedness_action"
+
+# --- Per-step shapes of the keys each transform reads (features.json) ----------------------------
+BRIDGE_ORIG_SHAPES = {"action": (7,), "observation/state": (7,)}
+BRIDGE_OXE_SHAPES = {_WV: (3,), _RD: (3,), "action/open_gripper": (), "observation/state": (7,)}
+FRACTAL_SHAPES = {
+    _WV: (3,),
+    _RD: (3,),
+    _GCA: (1,),
+    "observation/base_pose_tool_reached": (7,),
+    "observation/gripper_closed": (1,),
+}
+KUKA_SHAPES = {  # both state tensors are stored ZLIB-compressed
+    _WV: (3,),
+    _RD: (3,),
+    _GCA: (1,),
+    "observation/clip_function_input/base_pose_tool_reached": (7,),
+    "observation/gripper_closed": (1,),
+}
+TACO_PLAY_SHAPES = {"action/rel_actions_world": (7,), "observation/robot_obs": (15,)}
+JACO_PLAY_SHAPES = {_WV: (3,), _GCA: (1,), "observation/end_effector_cartesian_pos": (7,)}
+BERKELEY_CABLE_ROUTING_SHAPES = {_WV: (3,), _RD: (3,), "observation/robot_state": (7,)}
+ROBOTURK_SHAPES = {_WV: (3,), _RD: (3,), _GCA: (1,)}
+NYU_DOOR_OPENING_SHAPES = {_WV: (3,), _RD: (3,), _GCA: (1,)}
+VIOLA_SHAPES = {_WV: (3,), _RD: (3,), _GCA: (), "observation/joint_states": (7,), "observation/gripper_states": (1,)}
+BERKELEY_AUTOLAB_UR5_SHAPES = {_WV: (3,), _RD: (3,), _GCA: (), "observation/robot_state": (15,)}
+TOTO_SHAPES = {_WV: (3,), _RD: (3,), "action/open_gripper": (), "observation/state": (7,)}
+LANGUAGE_TABLE_SHAPES = {"action": (2,), "observation/effector_translation": (2,)}
+COLUMBIA_PUSHT_SHAPES = {_WV: (3,), _RD: (3,), _GCA: (), "observation/robot_state": (2,)}
+BC_Z_SHAPES = {
+    "action/future/xyz_residual": (30,),  # one FeaturesDict key "future/xyz_residual" under action
+    "action/future/axis_angle_residual": (30,),
+    "action/future/target_close": (10,),  # int64
+    "observation/present/xyz": (3,),
+    "observation/present/axis_angle": (3,),
+    "observation/present/sensed_close": (1,),
+}
+
+# Kept names: the step keys each transform reads.
+BRIDGE_ORIG_KEYS = tuple(BRIDGE_ORIG_SHAPES)
+FRACTAL_KEYS = tuple(FRACTAL_SHAPES)
+TACO_PLAY_KEYS = tuple(TACO_PLAY_SHAPES)
+JACO_PLAY_KEYS = tuple(JACO_PLAY_SHAPES)
+BERKELEY_CABLE_ROUTING_KEYS = tuple(BERKELEY_CABLE_ROUTING_SHAPES)
+ROBOTURK_KEYS = tuple(ROBOTURK_SHAPES)
+VIOLA_KEYS = tuple(VIOLA_SHAPES)
+TOTO_KEYS = tuple(TOTO_SHAPES)
+LANGUAGE_TABLE_KEYS = tuple(LANGUAGE_TABLE_SHAPES)
+
+# --- OpenVLA's state_obs_keys (names of the observation pieces after its transform) --------------
+BRIDGE_STATE_OBS = ("EEF_state", None, "gripper_state")
+FRACTAL_STATE_OBS = ("base_pose_tool_reached", "gripper_closed")
+KUKA_STATE_OBS = ("clip_function_input/base_pose_tool_reached", "gripper_closed")
+TACO_JACO_STATE_OBS = ("state_eef", None, "state_gripper")
+BERKELEY_CABLE_ROUTING_STATE_OBS = ("robot_state", None)
+NO_STATE_OBS = (None,) * 8  # roboturk, nyu_door_opening and others without proprio
+VIOLA_STATE_OBS = ("joint_states", "gripper_states")
+BERKELEY_AUTOLAB_UR5_STATE_OBS = ("state",)
+TOTO_STATE_OBS = ("state", None)
+LANGUAGE_TABLE_STATE_OBS = ("effector_translation",) + (None,) * 6
+COLUMBIA_PUSHT_STATE_OBS = ("robot_state",) + (None,) * 6
+BC_Z_STATE_OBS = ("present/xyz", "present/axis_angle", None, "present/sensed_close")
 
 
-# --- Shared step readers -------------------------------------------------------------------------
-def require_keys(steps: Mapping[str, np.ndarray], keys: Sequence[str], dataset: str) -> None:
-    """Raise TransformError naming the first missing key and the keys that are present."""
-    for key in keys:
-        if key not in steps:
-            raise TransformError(
-                f"expected step key {key!r}, got keys {sorted(steps)!r} for {dataset}; "
-                f"hint: the source must decode every key in the registry's required_keys {list(keys)!r}"
-            )
+def _obs(x: Mapping[str, np.ndarray], prefix: str = "observation/") -> dict[str, np.ndarray]:
+    """The observation pieces of ``read_steps``' result under their names without ``observation/``."""
+    return {k[len(prefix):]: v for k, v in x.items() if k.startswith(prefix)}
 
 
-def read_matrix(steps: Mapping[str, np.ndarray], key: str, dataset: str, width: int | None = None) -> np.ndarray:
-    """``steps[key]`` as ``[T, W] float32``; a 1-D ``[T]`` array is one column.
+def _rel2abs(g: np.ndarray) -> np.ndarray:
+    """``[T, 1]`` relative gripper -> ``[T, 1]`` absolute (``rel2abs_gripper_actions``). OpenVLA's version
+    fails on an empty episode: callers return its 0-step trajectory with ``counted=False``."""
+    return rel2abs_gripper_actions(g[:, 0])[:, None]
 
-    ``width`` (when given) must match W exactly.
+
+# --- Bridge V2 -----------------------------------------------------------------------------------
+def _bridge_relabel(action: np.ndarray, state: np.ndarray, dataset: str, source_steps: int) -> Trajectory:
+    """OpenVLA's ``relabel_bridge_actions`` after step 0 was dropped (``action``, ``state``: ``[n, 7]``).
+
+    ``action[k, :6] = state[k+1, :6] - state[k, :6]`` (the reached state replaces the command), the
+    gripper of the kept steps, and every key truncated by its last step: n steps give n-1 (0 if n <= 1).
+    proprio = ``EEF_state`` (state[:, :6]) ++ 0 ++ ``gripper_state`` (state[:, -1:]).
     """
-    require_keys(steps, (key,), dataset)
-    arr = np.asarray(steps[key])
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2:
-        raise TransformError(
-            f"expected [T] or [T, W] array, got shape {arr.shape!r} for key {key!r} in {dataset}; "
-            f"hint: keys must be per-step vectors with the time axis first"
+    n = action.shape[0]
+    kept = state[:-1]  # [n-1, 7] (empty when n <= 1)
+    movement = state[1:, :6] - state[:-1, :6]  # [n-1, 6] float32 differences, as in TF
+    out_action = np.concatenate([movement, action[:-1, -1:]], axis=1)
+    proprio = state_proprio(BRIDGE_STATE_OBS, {"EEF_state": kept[:, :6], "gripper_state": kept[:, -1:]}, kept.shape[0])
+    step_index = np.arange(1, 1 + max(n - 1, 0), dtype=np.int64)
+    if out_action.shape[0] == 0:
+        traj = Trajectory(out_action.astype(np.float32), proprio, step_index)
+        raise EmptyTrajectoryError(
+            f"expected at least 3 steps, got {source_steps} for {dataset}; hint: Bridge drops the first step "
+            f"(all-zero action) and the last (no next state), so T steps give T-2; OpenVLA keeps this episode "
+            f"as an empty trajectory (counted in num_trajectories, no transitions)",
+            traj,
         )
-    if width is not None and arr.shape[1] != width:
-        raise TransformError(
-            f"expected width {width}, got shape {arr.shape!r} for key {key!r} in {dataset}; "
-            f"hint: is this the right dataset for the transform?"
-        )
-    try:
-        return arr.astype(np.float32)
-    except (TypeError, ValueError) as e:
-        raise TransformError(
-            f"expected numeric values, got dtype {arr.dtype!r} for key {key!r} in {dataset}"
-        ) from e
+    return trajectory(out_action, proprio, dataset, step_index)
 
 
-def read_column(steps: Mapping[str, np.ndarray], key: str, dataset: str) -> np.ndarray:
-    """A scalar-per-step key (``[T]`` or ``[T, 1]``) as ``[T] float32``."""
-    return read_matrix(steps, key, dataset, width=1)[:, 0]
-
-
-def check_lengths(dataset: str, **arrays: np.ndarray) -> int:
-    """All arrays share the leading length T; returns T."""
-    lengths = {name: int(a.shape[0]) for name, a in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        raise TransformError(
-            f"expected every key to have the same number of steps, got {lengths!r} in {dataset}; "
-            f"hint: keys must all come from the same episode"
-        )
-    return next(iter(lengths.values()))
-
-
-def _zeros(t: int, n: int) -> np.ndarray:
-    """``[t, n] float32`` zeros: a ``None`` entry of OpenVLA's state_obs_keys, or padded action dims."""
-    return np.zeros((t, n), dtype=np.float32)
-
-
-def _trajectory(action: np.ndarray, proprio: np.ndarray, step_index: np.ndarray | None = None) -> Trajectory:
-    t = action.shape[0]
-    if step_index is None:
-        step_index = np.arange(t, dtype=np.int64)
-    return Trajectory(
-        action=np.ascontiguousarray(action, dtype=np.float32),
-        proprio=np.ascontiguousarray(proprio, dtype=np.float32),
-        step_index=np.asarray(step_index, dtype=np.int64),
-    )
-
-
-# --- Per-dataset transforms ----------------------------------------------------------------------
 def bridge_orig_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
     """Bridge V2 (``bridge_orig`` and ``bridge_dataset``): T steps -> T-2.
 
@@ -139,64 +149,82 @@ def bridge_orig_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
       3. relabel: ``action[:, :6] = state[k+1, :6] - state[k, :6]`` for k = 1..T-2 (the reached
          state replaces the commanded delta) and drop the last step, which has no next state.
     Output: action ``[T-2, 7]``, proprio ``[T-2, 8]`` = state[k, :6] ++ 0 ++ state[k, -1:],
-    step_index = 1..T-2.
+    step_index = 1..T-2. T = 2 raises ``EmptyTrajectoryError`` (OpenVLA keeps an empty trajectory);
+    T < 2 a ``TransformError`` (OpenVLA's binarize fails on the empty column).
     """
     name = "bridge_orig_transform"
-    require_keys(steps, BRIDGE_ORIG_KEYS, name)
-    action = read_matrix(steps, "action", name, width=7)
-    state = read_matrix(steps, "observation/state", name, width=7)
-    t = check_lengths(name, action=action, state=state)
-    if t < 3:
+    x = read_steps(steps, BRIDGE_ORIG_SHAPES, name)
+    action, state = x["action"], x["observation/state"]
+    t = action.shape[0]
+    if t < 2:
         raise TransformError(
-            f"expected at least 3 steps, got {t} for {name}; hint: Bridge drops the first step "
-            f"(all-zero action) and the last (no next state), so T steps give T-2"
+            f"expected at least 3 steps, got {t} for {name}; hint: Bridge drops the first step (all-zero "
+            f"action) and the last (no next state), and OpenVLA's binarize_gripper_actions fails on the "
+            f"empty column left by {t} step(s)"
         )
-    gripper = binarize_gripper_actions(action[1:, -1])[:-1]  # [T-2]
-    state = state[1:]  # [T-1], step 0 dropped
-    movement = state[1:, :6] - state[:-1, :6]  # [T-2, 6] float32 differences, as in TF
-    kept = state[:-1]  # [T-2, 7]
-    return _trajectory(
-        action=np.concatenate([movement, gripper[:, None]], axis=1),
-        proprio=np.concatenate([kept[:, :6], _zeros(t - 2, 1), kept[:, -1:]], axis=1),
-        step_index=np.arange(1, t - 1, dtype=np.int64),
-    )
+    gripper = binarize_gripper_actions(action[1:, -1])  # [T-1]
+    action = np.concatenate([action[1:, :6], gripper[:, None]], axis=1)
+    return _bridge_relabel(action, state[1:], name, t)
 
 
+def bridge_oxe_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
+    """Bridge V2 as released in OXE (``bridge_oxe``): world_vector + rotation_delta + float(open_gripper),
+    step 0 dropped, then relabelled from state deltas like ``bridge_orig`` (T steps -> T-2).
+
+    No gripper scan here, so OpenVLA turns episodes of 0, 1 or 2 steps into empty trajectories
+    (``EmptyTrajectoryError``) rather than failing.
+    """
+    name = "bridge_oxe_transform"
+    x = read_steps(steps, BRIDGE_OXE_SHAPES, name)
+    t = x["observation/state"].shape[0]
+    action = np.concatenate([x[_WV], x[_RD], x["action/open_gripper"]], axis=1)[1:]
+    return _bridge_relabel(action, x["observation/state"][1:], name, t)
+
+
+# --- RT-1 / kuka ---------------------------------------------------------------------------------
 def fractal20220817_data_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
     """RT-1 (fractal): world_vector(3) + rotation_delta(3) + rel2abs(gripper_closedness_action).
 
     proprio ``[T, 8]`` = base_pose_tool_reached (xyz + quaternion, 7) ++ gripper_closed (1).
     """
     name = "fractal20220817_data_transform"
-    require_keys(steps, FRACTAL_KEYS, name)
-    wv = read_matrix(steps, "action/world_vector", name, width=3)
-    rd = read_matrix(steps, "action/rotation_delta", name, width=3)
-    g = read_column(steps, "action/gripper_closedness_action", name)
-    pose = read_matrix(steps, "observation/base_pose_tool_reached", name, width=7)
-    closed = read_matrix(steps, "observation/gripper_closed", name, width=1)
-    check_lengths(name, world_vector=wv, rotation_delta=rd, gripper=g, pose=pose, gripper_closed=closed)
-    return _trajectory(
-        action=np.concatenate([wv, rd, rel2abs_gripper_actions(g)[:, None]], axis=1),
-        proprio=np.concatenate([pose, closed], axis=1),
-    )
+    x = read_steps(steps, FRACTAL_SHAPES, name)
+    t = x[_WV].shape[0]
+    action = np.concatenate([x[_WV], x[_RD], _rel2abs(x[_GCA])], axis=1)
+    # OpenVLA's rel2abs fails on 0 steps: returned, not counted (see steps.py).
+    return trajectory(action, state_proprio(FRACTAL_STATE_OBS, _obs(x), t), name, counted=t > 0)
 
 
+def kuka_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
+    """QT-Opt (kuka): as RT-1, with both state tensors stored ZLIB-compressed (decoded here if the reader
+    left them compressed). proprio ``[T, 8]`` = clip_function_input/base_pose_tool_reached (7) ++
+    gripper_closed (1)."""
+    name = "kuka_transform"
+    shapes = {k: s for k, s in KUKA_SHAPES.items() if k.startswith("action/")}
+    x = read_steps(steps, shapes, name)
+    pose_key, closed_key = "observation/clip_function_input/base_pose_tool_reached", "observation/gripper_closed"
+    x[pose_key] = read_zlib_matrix(steps, pose_key, name, 7)
+    x[closed_key] = read_zlib_matrix(steps, closed_key, name, 1)
+    t = check_lengths(name, **x)
+    action = np.concatenate([x[_WV], x[_RD], _rel2abs(x[_GCA])], axis=1)
+    # OpenVLA's rel2abs fails on 0 steps: returned, not counted (see steps.py).
+    return trajectory(action, state_proprio(KUKA_STATE_OBS, _obs(x), t), name, counted=t > 0)
+
+
+# --- RT-X --------------------------------------------------------------------------------------
 def taco_play_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
     """TACO-Play: rel_actions_world[:, :6] + clip(gripper, 0, 1) (-1 close / +1 open -> 0 / 1).
 
     proprio ``[T, 8]`` = robot_obs[:, :6] (tcp pos + euler) ++ 0 ++ robot_obs[:, 7:8].
     """
     name = "taco_play_transform"
-    require_keys(steps, TACO_PLAY_KEYS, name)
-    rel = read_matrix(steps, "action/rel_actions_world", name, width=7)
-    obs = read_matrix(steps, "observation/robot_obs", name, width=15)
-    t = check_lengths(name, rel_actions_world=rel, robot_obs=obs)
-    return _trajectory(
-        action=np.concatenate([rel[:, :6], np.clip(rel[:, -1:], 0.0, 1.0)], axis=1),
-        # OpenVLA takes column 7 (the first arm joint in CALVIN's layout) as "state_gripper", not
-        # column 6 (gripper width); kept for parity.
-        proprio=np.concatenate([obs[:, :6], _zeros(t, 1), obs[:, 7:8]], axis=1),
-    )
+    x = read_steps(steps, TACO_PLAY_SHAPES, name)
+    rel, obs = x["action/rel_actions_world"], x["observation/robot_obs"]
+    action = np.concatenate([rel[:, :6], np.clip(rel[:, -1:], 0.0, 1.0)], axis=1)
+    # OpenVLA takes column 7 (the first arm joint in CALVIN's layout) as "state_gripper", not column 6
+    # (gripper width); kept for parity.
+    pieces = {"state_eef": obs[:, :6], "state_gripper": obs[:, 7:8]}
+    return trajectory(action, state_proprio(TACO_JACO_STATE_OBS, pieces, obs.shape[0]), name)
 
 
 def jaco_play_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
@@ -205,15 +233,13 @@ def jaco_play_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
     proprio ``[T, 8]`` = end_effector_cartesian_pos[:, :6] ++ 0 ++ end_effector_cartesian_pos[:, -1:].
     """
     name = "jaco_play_transform"
-    require_keys(steps, JACO_PLAY_KEYS, name)
-    wv = read_matrix(steps, "action/world_vector", name, width=3)
-    g = read_column(steps, "action/gripper_closedness_action", name)
-    eef = read_matrix(steps, "observation/end_effector_cartesian_pos", name, width=7)
-    t = check_lengths(name, world_vector=wv, gripper=g, end_effector_cartesian_pos=eef)
-    return _trajectory(
-        action=np.concatenate([wv, _zeros(t, 3), rel2abs_gripper_actions(g)[:, None]], axis=1),
-        proprio=np.concatenate([eef[:, :6], _zeros(t, 1), eef[:, -1:]], axis=1),
-    )
+    x = read_steps(steps, JACO_PLAY_SHAPES, name)
+    t = x[_WV].shape[0]
+    eef = x["observation/end_effector_cartesian_pos"]
+    action = np.concatenate([x[_WV], zeros(t, 3), _rel2abs(x[_GCA])], axis=1)
+    pieces = {"state_eef": eef[:, :6], "state_gripper": eef[:, -1:]}
+    # OpenVLA's rel2abs fails on 0 steps: returned, not counted (see steps.py).
+    return trajectory(action, state_proprio(TACO_JACO_STATE_OBS, pieces, t), name, counted=t > 0)
 
 
 def berkeley_cable_routing_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
@@ -222,26 +248,15 @@ def berkeley_cable_routing_transform(steps: Mapping[str, np.ndarray]) -> Traject
     proprio ``[T, 8]`` = robot_state (7) ++ 0.
     """
     name = "berkeley_cable_routing_transform"
-    require_keys(steps, BERKELEY_CABLE_ROUTING_KEYS, name)
-    wv = read_matrix(steps, "action/world_vector", name, width=3)
-    rd = read_matrix(steps, "action/rotation_delta", name, width=3)
-    robot_state = read_matrix(steps, "observation/robot_state", name, width=7)
-    t = check_lengths(name, world_vector=wv, rotation_delta=rd, robot_state=robot_state)
-    return _trajectory(
-        action=np.concatenate([wv, rd, _zeros(t, 1)], axis=1),
-        proprio=np.concatenate([robot_state, _zeros(t, 1)], axis=1),
-    )
+    x = read_steps(steps, BERKELEY_CABLE_ROUTING_SHAPES, name)
+    t = x[_WV].shape[0]
+    action = np.concatenate([x[_WV], x[_RD], zeros(t, 1)], axis=1)
+    return trajectory(action, state_proprio(BERKELEY_CABLE_ROUTING_STATE_OBS, _obs(x), t), name)
 
 
-def _invert_clip_transform(steps: Mapping[str, np.ndarray], name: str, keys: Sequence[str]):
-    """world_vector(3) + rotation_delta(3) + invert(clip(gripper_closedness_action, 0, 1)); returns (action, T)."""
-    require_keys(steps, keys, name)
-    wv = read_matrix(steps, "action/world_vector", name, width=3)
-    rd = read_matrix(steps, "action/rotation_delta", name, width=3)
-    g = read_column(steps, "action/gripper_closedness_action", name)
-    t = check_lengths(name, world_vector=wv, rotation_delta=rd, gripper=g)
-    gripper = invert_gripper_actions(np.clip(g, 0.0, 1.0))  # source: 1 = closed
-    return np.concatenate([wv, rd, gripper[:, None]], axis=1), t
+def _invert_clip_action(x: Mapping[str, np.ndarray]) -> np.ndarray:
+    """world_vector(3) + rotation_delta(3) + invert(clip(gripper_closedness_action, 0, 1)) -> [T, 7]."""
+    return np.concatenate([x[_WV], x[_RD], invert_clip01(x[_GCA])], axis=1)
 
 
 def roboturk_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
@@ -249,21 +264,45 @@ def roboturk_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
 
     proprio ``[T, 8]`` zeros: OpenVLA's state_obs_keys for roboturk are eight ``None`` entries.
     """
-    action, t = _invert_clip_transform(steps, "roboturk_transform", ROBOTURK_KEYS)
-    return _trajectory(action=action, proprio=_zeros(t, 8))
+    name = "roboturk_transform"
+    x = read_steps(steps, ROBOTURK_SHAPES, name)
+    return trajectory(_invert_clip_action(x), state_proprio(NO_STATE_OBS, {}, x[_WV].shape[0]), name)
+
+
+def nyu_door_opening_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
+    """NYU door opening: world_vector + rotation_delta + rel2abs(gripper_closedness_action); no proprio
+    (eight ``None`` state keys -> ``[T, 8]`` zeros)."""
+    name = "nyu_door_opening_transform"
+    x = read_steps(steps, NYU_DOOR_OPENING_SHAPES, name)
+    t = x[_WV].shape[0]
+    action = np.concatenate([x[_WV], x[_RD], _rel2abs(x[_GCA])], axis=1)
+    # OpenVLA's rel2abs fails on 0 steps: returned, not counted (see steps.py).
+    return trajectory(action, state_proprio(NO_STATE_OBS, {}, t), name, counted=t > 0)
 
 
 def viola_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
-    """VIOLA: world_vector + rotation_delta + invert(clip(gripper, 0, 1)).
+    """VIOLA: world_vector + rotation_delta + invert(clip(gripper, 0, 1)) (gripper stored as a scalar).
 
-    proprio ``[T, 9]`` = joint_states (7) ++ gripper_states (2), OpenVLA's state_obs_keys.
+    proprio ``[T, 8]`` = joint_states (7) ++ gripper_states (1), OpenVLA's state_obs_keys; the dataset
+    stores ``gripper_states`` as shape (1,) (features.json).
     """
     name = "viola_transform"
-    action, t = _invert_clip_transform(steps, name, VIOLA_KEYS)
-    joints = read_matrix(steps, "observation/joint_states", name, width=7)
-    fingers = read_matrix(steps, "observation/gripper_states", name, width=2)
-    check_lengths(name, action=action, joint_states=joints, gripper_states=fingers)
-    return _trajectory(action=action, proprio=np.concatenate([joints, fingers], axis=1))
+    x = read_steps(steps, VIOLA_SHAPES, name)
+    return trajectory(_invert_clip_action(x), state_proprio(VIOLA_STATE_OBS, _obs(x), x[_WV].shape[0]), name)
+
+
+def berkeley_autolab_ur5_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
+    """Berkeley Autolab UR5: world_vector + rotation_delta + rel2abs(gripper_closedness_action).
+
+    proprio ``[T, 8]`` = ``state`` = robot_state[:, 6:14] (OpenVLA's slice of the 15-wide robot state).
+    """
+    name = "berkeley_autolab_ur5_transform"
+    x = read_steps(steps, BERKELEY_AUTOLAB_UR5_SHAPES, name)
+    t = x[_WV].shape[0]
+    action = np.concatenate([x[_WV], x[_RD], _rel2abs(x[_GCA])], axis=1)
+    pieces = {"state": x["observation/robot_state"][:, 6:14]}
+    # OpenVLA's rel2abs fails on 0 steps: returned, not counted (see steps.py).
+    return trajectory(action, state_proprio(BERKELEY_AUTOLAB_UR5_STATE_OBS, pieces, t), name, counted=t > 0)
 
 
 def toto_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
@@ -272,16 +311,9 @@ def toto_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
     proprio ``[T, 8]`` = state (7 joints) ++ 0.
     """
     name = "toto_transform"
-    require_keys(steps, TOTO_KEYS, name)
-    wv = read_matrix(steps, "action/world_vector", name, width=3)
-    rd = read_matrix(steps, "action/rotation_delta", name, width=3)
-    g = read_column(steps, "action/open_gripper", name)  # bool -> 0.0 / 1.0
-    state = read_matrix(steps, "observation/state", name, width=7)
-    t = check_lengths(name, world_vector=wv, rotation_delta=rd, open_gripper=g, state=state)
-    return _trajectory(
-        action=np.concatenate([wv, rd, g[:, None]], axis=1),
-        proprio=np.concatenate([state, _zeros(t, 1)], axis=1),
-    )
+    x = read_steps(steps, TOTO_SHAPES, name)
+    action = np.concatenate([x[_WV], x[_RD], x["action/open_gripper"]], axis=1)
+    return trajectory(action, state_proprio(TOTO_STATE_OBS, _obs(x), x[_WV].shape[0]), name)
 
 
 def language_table_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
@@ -290,11 +322,35 @@ def language_table_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
     proprio ``[T, 8]`` = effector_translation (2) ++ zeros(6).
     """
     name = "language_table_transform"
-    require_keys(steps, LANGUAGE_TABLE_KEYS, name)
-    xy = read_matrix(steps, "action", name, width=2)
-    eff = read_matrix(steps, "observation/effector_translation", name, width=2)
-    t = check_lengths(name, action=xy, effector_translation=eff)
-    return _trajectory(
-        action=np.concatenate([xy, _zeros(t, 4), np.ones((t, 1), dtype=np.float32)], axis=1),
-        proprio=np.concatenate([eff, _zeros(t, 6)], axis=1),
+    x = read_steps(steps, LANGUAGE_TABLE_SHAPES, name)
+    xy = x["action"]
+    t = xy.shape[0]
+    action = np.concatenate([xy, zeros(t, 4), np.ones((t, 1), dtype=np.float32)], axis=1)
+    return trajectory(action, state_proprio(LANGUAGE_TABLE_STATE_OBS, _obs(x), t), name)
+
+
+def columbia_pusht_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
+    """Columbia PushT (real): world_vector + rotation_delta + gripper_closedness_action as stored.
+
+    proprio ``[T, 8]`` = robot_state (2) ++ zeros(6).
+    """
+    name = "columbia_pusht_transform"
+    x = read_steps(steps, COLUMBIA_PUSHT_SHAPES, name)
+    action = np.concatenate([x[_WV], x[_RD], x[_GCA]], axis=1)
+    return trajectory(action, state_proprio(COLUMBIA_PUSHT_STATE_OBS, _obs(x), x[_WV].shape[0]), name)
+
+
+def bc_z_transform(steps: Mapping[str, np.ndarray]) -> Trajectory:
+    """BC-Z: the first future step of each residual: xyz_residual[:, :3] + axis_angle_residual[:, :3] +
+    invert(float(target_close[:, :1])) (int64, 1 = close).
+
+    proprio ``[T, 8]`` = present/xyz (3) ++ present/axis_angle (3) ++ 0 ++ present/sensed_close (1).
+    """
+    name = "bc_z_transform"
+    x = read_steps(steps, BC_Z_SHAPES, name)
+    close = x["action/future/target_close"][:, :1]
+    action = np.concatenate(
+        [x["action/future/xyz_residual"][:, :3], x["action/future/axis_angle_residual"][:, :3], np.float32(1.0) - close],
+        axis=1,
     )
+    return trajectory(action, state_proprio(BC_Z_STATE_OBS, _obs(x), close.shape[0]), name)

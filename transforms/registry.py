@@ -1,10 +1,14 @@
 """The dataset registry: an explicit dict of frozen ``DatasetSpec``s, one per dataset name.
 
-A spec says how to read a dataset (source format, camera / language / numeric step keys) and how to
-turn its steps into a ``Trajectory`` (the transform, action encoding, normalization mask). Built-in
-entries mirror OpenVLA's ``oxe/configs.py`` (keys are flattened RLDS step keys: ``observation/image_0``).
-Users add datasets without code through a YAML file (``load_registry_yaml``), whose entries become
-``GenericTransform`` specs. Registering a name twice is an error.
+A spec says how to read a dataset (source format, camera / language / numeric step keys with their
+per-step shapes) and how to turn its steps into a ``Trajectory`` (the transform, action encoding,
+normalization mask, OpenVLA's ``state_obs_keys``). Built-in entries: every dataset of OpenVLA's
+``OXE_DATASET_CONFIGS`` under OpenVLA's name, in its order (``oxe/configs.py``; keys are flattened RLDS
+step keys: ``observation/image_0``), then the CALVIN variants. Step shapes come from each dataset's
+features.json (``shared/reference/oxe_layouts.json``); ``check_step_shapes`` compares them with a
+dataset's own features.json at run time. Users add datasets without code through a YAML file
+(``load_registry_yaml``), whose entries become ``GenericTransform`` specs. Registering a name twice is an
+error.
 
 Everything here pickles (plain functions referenced by module + name, frozen dataclasses): specs
 travel to Beam workers.
@@ -24,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from vlaprep.transforms import calvin, oxe
+from vlaprep.transforms import calvin, droid, libero, oxe, oxe_converted
 from vlaprep.transforms.base import ActionEncoding, Trajectory, TransformError
 from vlaprep.transforms.gripper import (
     binarize_gripper_actions,
@@ -33,6 +37,10 @@ from vlaprep.transforms.gripper import (
 )
 
 SOURCE_FORMATS = ("rlds", "calvin")
+# OpenVLA's groups of OXE_DATASET_CONFIGS (its section comments), plus vlaprep's own.
+GROUPS = ("oxe", "tdroid", "droid_finetuning", "libero", "calvin", "custom")
+# Action encodings OpenVLA trains on (``make_oxe_dataset_kwargs`` refuses the others).
+OPENVLA_TRAINABLE_ENCODINGS = (ActionEncoding.EEF_POS, ActionEncoding.EEF_R6)
 GRIPPER_MODES = ("binarize", "invert", "rel2abs", "clip01", "none")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # Directory whose *.py sources are hashed into every fingerprint (module-level so tests can point it
@@ -79,6 +87,12 @@ class DatasetSpec:
     action_encoding:    what the action vector means
     action_dim:         D of the transform's ``action: [T, D]``
     normalization_mask: ``[D]`` bools, False = left raw by normalization (the gripper)
+    secondary_image:    step key of the secondary camera, or None
+    state_obs_keys:     OpenVLA's ``state_obs_keys``: the names the proprio concatenates (after its
+                        transform), ``None`` = one zero column; () when the dataset has no such config
+    step_shapes:        ((key, per-step shape or None), ...) for required_keys, from the dataset's
+                        features.json; None = width not established (read from the data)
+    group:              one of GROUPS (OpenVLA's sections of its dataset configs)
     """
 
     name: str
@@ -91,6 +105,10 @@ class DatasetSpec:
     action_encoding: ActionEncoding
     action_dim: int
     normalization_mask: tuple[bool, ...]
+    secondary_image: str | None = None
+    state_obs_keys: tuple[str | None, ...] = ()
+    step_shapes: tuple[tuple[str, tuple[int, ...] | None], ...] = ()
+    group: str = "custom"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name) or ".." in self.name:
@@ -103,7 +121,7 @@ class DatasetSpec:
             raise ValueError(f"expected a callable transform, got {self.transform!r} {where}")
         if self.source_format not in SOURCE_FORMATS:
             raise ValueError(f"expected source_format one of {list(SOURCE_FORMATS)!r}, got {self.source_format!r} {where}")
-        for field in ("primary_image", "wrist_image", "language_key"):
+        for field in ("primary_image", "wrist_image", "language_key", "secondary_image"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"expected {field} to be a non-empty str or None, got {value!r} {where}")
@@ -124,6 +142,25 @@ class DatasetSpec:
         if not all(isinstance(m, (bool, np.bool_)) for m in self.normalization_mask):
             raise ValueError(f"expected normalization_mask of bools, got {self.normalization_mask!r} {where}")
         object.__setattr__(self, "normalization_mask", tuple(bool(m) for m in self.normalization_mask))
+        object.__setattr__(self, "state_obs_keys", tuple(self.state_obs_keys))
+        if not all(k is None or (isinstance(k, str) and k) for k in self.state_obs_keys):
+            raise ValueError(f"expected state_obs_keys to be non-empty strs or None, got {self.state_obs_keys!r} {where}")
+        shapes = tuple(self.step_shapes.items()) if isinstance(self.step_shapes, Mapping) else tuple(self.step_shapes)
+        shapes = tuple((k, None if s is None else tuple(int(d) for d in s)) for k, s in shapes)
+        object.__setattr__(self, "step_shapes", shapes)
+        unknown = [k for k, _ in shapes if k not in self.required_keys]
+        if unknown:
+            raise ValueError(
+                f"expected step_shapes keys among required_keys {list(self.required_keys)!r}, got {unknown!r} {where}"
+            )
+        if self.group not in GROUPS:
+            raise ValueError(f"expected group one of {list(GROUPS)!r}, got {self.group!r} {where}")
+
+    @property
+    def openvla_trainable(self) -> bool:
+        """False for JOINT_POS datasets (berkeley_mvp, berkeley_rpt, roboset): OpenVLA refuses to load them
+        for training (``make_oxe_dataset_kwargs``); vlaprep still computes their statistics and shards."""
+        return self.action_encoding in OPENVLA_TRAINABLE_ENCODINGS
 
     def source_keys(self) -> tuple[str, ...]:
         """Every step key a source must decode: required_keys, then cameras and language (no repeats)."""
@@ -147,6 +184,10 @@ class DatasetSpec:
             "action_encoding": self.action_encoding.value,
             "action_dim": self.action_dim,
             "normalization_mask": list(self.normalization_mask),
+            "secondary_image": self.secondary_image,
+            "state_obs_keys": list(self.state_obs_keys),
+            "step_shapes": [[k, None if s is None else list(s)] for k, s in self.step_shapes],
+            "group": self.group,
         }
         h = hashlib.sha256()
         _update_framed(h, json.dumps(fields, sort_keys=True).encode())
@@ -256,9 +297,24 @@ def register(spec: DatasetSpec, registry: dict[str, DatasetSpec] = REGISTRY) -> 
 
 
 _EEF_POS_7 = default_normalization_mask(ActionEncoding.EEF_POS, 7)  # 6 x True + False
+_RTX_LANGUAGE = "observation/natural_language_instruction"  # RT-X layouts: language under observation
+_STEP_LANGUAGE = "language_instruction"  # converted / later datasets: a step-level key
 
 
-def _rlds(name, transform, keys, primary, wrist, language="observation/natural_language_instruction") -> DatasetSpec:
+def _oxe(
+    name: str,
+    transform: Callable,
+    shapes: Mapping,
+    cameras: tuple[str | None, str | None, str | None],
+    state_obs_keys: tuple,
+    language: str = _STEP_LANGUAGE,
+    group: str = "oxe",
+    encoding: ActionEncoding = ActionEncoding.EEF_POS,
+    action_dim: int = 7,
+) -> DatasetSpec:
+    """An OXE entry: ``cameras`` are OpenVLA's (primary, secondary, wrist) ``image_obs_keys`` (observation
+    keys), ``shapes`` the transform's ``*_SHAPES`` (step key -> per-step shape from features.json)."""
+    primary, secondary, wrist = (None if c is None else f"observation/{c}" for c in cameras)
     return DatasetSpec(
         name=name,
         transform=transform,
@@ -266,10 +322,14 @@ def _rlds(name, transform, keys, primary, wrist, language="observation/natural_l
         primary_image=primary,
         wrist_image=wrist,
         language_key=language,
-        required_keys=keys,
-        action_encoding=ActionEncoding.EEF_POS,
-        action_dim=7,
-        normalization_mask=_EEF_POS_7,
+        required_keys=tuple(shapes),
+        action_encoding=encoding,
+        action_dim=action_dim,
+        normalization_mask=default_normalization_mask(encoding, action_dim),
+        secondary_image=secondary,
+        state_obs_keys=state_obs_keys,
+        step_shapes=tuple(shapes.items()),
+        group=group,
     )
 
 
@@ -285,43 +345,143 @@ def _calvin(name, transform, keys) -> DatasetSpec:
         action_encoding=ActionEncoding.EEF_POS,
         action_dim=7,
         normalization_mask=_EEF_POS_7,
+        group="calvin",
     )
 
 
-# Cameras / language as in OpenVLA's OXE_DATASET_CONFIGS (primary, wrist); OpenVLA gives Bridge no
-# wrist camera. Secondary cameras are not used by OpenVLA training and are not listed.
+_o, _c, _d, _l = oxe, oxe_converted, droid, libero
+_JOINT = ActionEncoding.JOINT_POS
+# OpenVLA's OXE_DATASET_CONFIGS, in its order: name, transform, step shapes, cameras (primary,
+# secondary, wrist), state_obs_keys, language key. Deviations from OpenVLA's config, each for a key
+# the dataset does not have: bridge_oxe's secondary "image_1" (the OXE release has only "image").
 for _spec in (
-    _rlds("bridge_orig", oxe.bridge_orig_transform, oxe.BRIDGE_ORIG_KEYS, "observation/image_0", None, "language_instruction"),
-    _rlds("bridge_dataset", oxe.bridge_orig_transform, oxe.BRIDGE_ORIG_KEYS, "observation/image_0", None, "language_instruction"),
-    _rlds("fractal20220817_data", oxe.fractal20220817_data_transform, oxe.FRACTAL_KEYS, "observation/image", None),
-    _rlds("taco_play", oxe.taco_play_transform, oxe.TACO_PLAY_KEYS, "observation/rgb_static", "observation/rgb_gripper"),
-    _rlds("jaco_play", oxe.jaco_play_transform, oxe.JACO_PLAY_KEYS, "observation/image", "observation/image_wrist"),
-    _rlds(
-        "berkeley_cable_routing",
-        oxe.berkeley_cable_routing_transform,
-        oxe.BERKELEY_CABLE_ROUTING_KEYS,
-        "observation/image",
-        "observation/wrist45_image",
-    ),
-    _rlds("roboturk", oxe.roboturk_transform, oxe.ROBOTURK_KEYS, "observation/front_rgb", None),
-    _rlds("viola", oxe.viola_transform, oxe.VIOLA_KEYS, "observation/agentview_rgb", "observation/eye_in_hand_rgb"),
-    _rlds("toto", oxe.toto_transform, oxe.TOTO_KEYS, "observation/image", None),
+    _oxe("fractal20220817_data", _o.fractal20220817_data_transform, _o.FRACTAL_SHAPES, ("image", None, None),
+         _o.FRACTAL_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("kuka", _o.kuka_transform, _o.KUKA_SHAPES, ("image", None, None), _o.KUKA_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("bridge_oxe", _o.bridge_oxe_transform, _o.BRIDGE_OXE_SHAPES, ("image", None, None), _o.BRIDGE_STATE_OBS,
+         _RTX_LANGUAGE),
+    _oxe("bridge_orig", _o.bridge_orig_transform, _o.BRIDGE_ORIG_SHAPES, ("image_0", "image_1", None), _o.BRIDGE_STATE_OBS),
+    _oxe("bridge_dataset", _o.bridge_orig_transform, _o.BRIDGE_ORIG_SHAPES, ("image_0", "image_1", None),
+         _o.BRIDGE_STATE_OBS),
+    _oxe("taco_play", _o.taco_play_transform, _o.TACO_PLAY_SHAPES, ("rgb_static", None, "rgb_gripper"),
+         _o.TACO_JACO_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("jaco_play", _o.jaco_play_transform, _o.JACO_PLAY_SHAPES, ("image", None, "image_wrist"),
+         _o.TACO_JACO_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("berkeley_cable_routing", _o.berkeley_cable_routing_transform, _o.BERKELEY_CABLE_ROUTING_SHAPES,
+         ("image", "top_image", "wrist45_image"), _o.BERKELEY_CABLE_ROUTING_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("roboturk", _o.roboturk_transform, _o.ROBOTURK_SHAPES, ("front_rgb", None, None), _o.NO_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("nyu_door_opening_surprising_effectiveness", _o.nyu_door_opening_transform, _o.NYU_DOOR_OPENING_SHAPES,
+         (None, None, "image"), _o.NO_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("viola", _o.viola_transform, _o.VIOLA_SHAPES, ("agentview_rgb", None, "eye_in_hand_rgb"), _o.VIOLA_STATE_OBS,
+         _RTX_LANGUAGE),
+    _oxe("berkeley_autolab_ur5", _o.berkeley_autolab_ur5_transform, _o.BERKELEY_AUTOLAB_UR5_SHAPES,
+         ("image", None, "hand_image"), _o.BERKELEY_AUTOLAB_UR5_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("toto", _o.toto_transform, _o.TOTO_SHAPES, ("image", None, None), _o.TOTO_STATE_OBS, _RTX_LANGUAGE),
     # Language Table stores its instruction as int32 UTF-8 code points padded with 0 ([T, 512]);
     # the source must decode it (OpenVLA: unicode_encode, split at "\x00").
-    _rlds(
-        "language_table",
-        oxe.language_table_transform,
-        oxe.LANGUAGE_TABLE_KEYS,
-        "observation/rgb",
-        None,
-        "observation/instruction",
+    _oxe("language_table", _o.language_table_transform, _o.LANGUAGE_TABLE_SHAPES, ("rgb", None, None),
+         _o.LANGUAGE_TABLE_STATE_OBS, "observation/instruction"),
+    _oxe("columbia_cairlab_pusht_real", _o.columbia_pusht_transform, _o.COLUMBIA_PUSHT_SHAPES,
+         ("image", None, "wrist_image"), _o.COLUMBIA_PUSHT_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("stanford_kuka_multimodal_dataset_converted_externally_to_rlds", _c.stanford_kuka_multimodal_transform,
+         _c.STANFORD_KUKA_MULTIMODAL_SHAPES, ("image", None, None), _c.STANFORD_KUKA_MULTIMODAL_STATE_OBS),
+    _oxe("nyu_rot_dataset_converted_externally_to_rlds", _c.nyu_rot_transform, _c.NYU_ROT_SHAPES, ("image", None, None),
+         _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("stanford_hydra_dataset_converted_externally_to_rlds", _c.stanford_hydra_transform, _c.STANFORD_HYDRA_SHAPES,
+         ("image", None, "wrist_image"), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("austin_buds_dataset_converted_externally_to_rlds", _c.austin_buds_transform, _c.AUSTIN_BUDS_SHAPES,
+         ("image", None, "wrist_image"), _c.STATE_STATE_OBS),
+    _oxe("nyu_franka_play_dataset_converted_externally_to_rlds", _c.nyu_franka_play_transform, _c.NYU_FRANKA_PLAY_SHAPES,
+         ("image", "image_additional_view", None), _c.NYU_FRANKA_PLAY_STATE_OBS),
+    _oxe("maniskill_dataset_converted_externally_to_rlds", _c.maniskill_transform, _c.MANISKILL_SHAPES,
+         ("image", None, "wrist_image"), _c.MANISKILL_STATE_OBS),
+    _oxe("furniture_bench_dataset_converted_externally_to_rlds", _c.furniture_bench_transform, _c.FURNITURE_BENCH_SHAPES,
+         ("image", None, "wrist_image"), _c.STATE_STATE_OBS),
+    _oxe("cmu_franka_exploration_dataset_converted_externally_to_rlds", _c.cmu_franka_exploration_transform,
+         _c.CMU_FRANKA_EXPLORATION_SHAPES, ("highres_image", None, None), _c.NO_STATE_OBS),
+    _oxe("ucsd_kitchen_dataset_converted_externally_to_rlds", _c.ucsd_kitchen_transform, _c.UCSD_KITCHEN_SHAPES,
+         ("image", None, None), _c.UCSD_KITCHEN_STATE_OBS),
+    _oxe("ucsd_pick_and_place_dataset_converted_externally_to_rlds", _c.ucsd_pick_and_place_transform,
+         _c.UCSD_PICK_AND_PLACE_SHAPES, ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("austin_sailor_dataset_converted_externally_to_rlds", _c.austin_sailor_transform, _c.AUSTIN_SAILOR_SHAPES,
+         ("image", None, "wrist_image"), _c.STATE_STATE_OBS),
+    _oxe("austin_sirius_dataset_converted_externally_to_rlds", _c.austin_sirius_transform, _c.AUSTIN_SIRIUS_SHAPES,
+         ("image", None, "wrist_image"), _c.STATE_STATE_OBS),
+    _oxe("bc_z", _o.bc_z_transform, _o.BC_Z_SHAPES, ("image", None, None), _o.BC_Z_STATE_OBS, _RTX_LANGUAGE),
+    _oxe("utokyo_pr2_opening_fridge_converted_externally_to_rlds", _c.utokyo_pr2_transform, _c.UTOKYO_PR2_SHAPES,
+         ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds", _c.utokyo_pr2_transform, _c.UTOKYO_PR2_SHAPES,
+         ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("utokyo_xarm_pick_and_place_converted_externally_to_rlds", _c.utokyo_xarm_pick_and_place_transform,
+         _c.UTOKYO_XARM_PICK_AND_PLACE_SHAPES, ("image", "image2", "hand_image"), _c.UTOKYO_XARM_PICK_AND_PLACE_STATE_OBS),
+    _oxe("utokyo_xarm_bimanual_converted_externally_to_rlds", _c.utokyo_xarm_bimanual_transform,
+         _c.UTOKYO_XARM_BIMANUAL_SHAPES, ("image", None, None), _c.UTOKYO_XARM_BIMANUAL_STATE_OBS),
+    _oxe("robo_net", _c.robo_net_transform, _c.ROBO_NET_SHAPES, ("image", "image1", None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("berkeley_mvp_converted_externally_to_rlds", _c.berkeley_mvp_transform, _c.BERKELEY_MVP_SHAPES,
+         (None, None, "hand_image"), _c.BERKELEY_MVP_STATE_OBS, encoding=_JOINT, action_dim=8),
+    _oxe("berkeley_rpt_converted_externally_to_rlds", _c.berkeley_rpt_transform, _c.BERKELEY_RPT_SHAPES,
+         (None, None, "hand_image"), _c.BERKELEY_RPT_STATE_OBS, encoding=_JOINT, action_dim=8),
+    _oxe("kaist_nonprehensile_converted_externally_to_rlds", _c.kaist_nonprehensile_transform,
+         _c.KAIST_NONPREHENSILE_SHAPES, ("image", None, None), _c.STATE_PAD_STATE_OBS),
+    _oxe("stanford_mask_vit_converted_externally_to_rlds", _c.stanford_mask_vit_transform, _c.STANFORD_MASK_VIT_SHAPES,
+         ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("tokyo_u_lsmo_converted_externally_to_rlds", _c.tokyo_u_lsmo_transform, _c.TOKYO_U_LSMO_SHAPES,
+         ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("dlr_sara_pour_converted_externally_to_rlds", _c.dlr_sara_pour_transform, _c.DLR_SARA_POUR_SHAPES,
+         ("image", None, None), _c.STATE_PAD2_STATE_OBS),
+    _oxe("dlr_sara_grid_clamp_converted_externally_to_rlds", _c.dlr_sara_grid_clamp_transform,
+         _c.DLR_SARA_GRID_CLAMP_SHAPES, ("image", None, None), _c.STATE_PAD2_STATE_OBS),
+    _oxe("dlr_edan_shared_control_converted_externally_to_rlds", _c.dlr_edan_shared_control_transform,
+         _c.DLR_EDAN_SHARED_CONTROL_SHAPES, ("image", None, None), _c.STATE_PAD_STATE_OBS),
+    _oxe("asu_table_top_converted_externally_to_rlds", _c.asu_table_top_transform, _c.ASU_TABLE_TOP_SHAPES,
+         ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("stanford_robocook_converted_externally_to_rlds", _c.stanford_robocook_transform, _c.STANFORD_ROBOCOOK_SHAPES,
+         ("image_1", "image_2", None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("imperialcollege_sawyer_wrist_cam", _c.imperialcollege_sawyer_wrist_cam_transform,
+         _c.IMPERIALCOLLEGE_SAWYER_WRIST_CAM_SHAPES, ("image", None, "wrist_image"), _c.IMPERIALCOLLEGE_STATE_OBS),
+    _oxe("iamlab_cmu_pickup_insert_converted_externally_to_rlds", _c.iamlab_cmu_pickup_insert_transform,
+         _c.IAMLAB_CMU_PICKUP_INSERT_SHAPES, ("image", None, "wrist_image"), _c.IAMLAB_STATE_OBS),
+    _oxe("uiuc_d3field", _c.uiuc_d3field_transform, _c.UIUC_D3FIELD_SHAPES, ("image_1", "image_2", None), _c.NO_STATE_OBS),
+    _oxe("utaustin_mutex", _c.utaustin_mutex_transform, _c.UTAUSTIN_MUTEX_SHAPES, ("image", None, "wrist_image"),
+         _c.STATE_STATE_OBS),
+    _oxe("berkeley_fanuc_manipulation", _c.berkeley_fanuc_transform, _c.BERKELEY_FANUC_SHAPES,
+         ("image", None, "wrist_image"), _c.BERKELEY_FANUC_STATE_OBS),
+    _oxe("cmu_playing_with_food", _c.cmu_playing_with_food_transform, _c.CMU_PLAYING_WITH_FOOD_SHAPES,
+         ("image", None, "finger_vision_1"), _c.STATE_PAD2_STATE_OBS),
+    _oxe("cmu_play_fusion", _c.cmu_play_fusion_transform, _c.CMU_PLAY_FUSION_SHAPES, ("image", None, None),
+         _c.STATE_STATE_OBS),
+    _oxe("cmu_stretch", _c.cmu_stretch_transform, _c.CMU_STRETCH_SHAPES, ("image", None, None), _c.EEF_GRIPPER_STATE_OBS),
+    _oxe("berkeley_gnm_recon", _c.gnm_transform, _c.GNM_SHAPES, (None, None, "image"), _c.STATE_PAD2_STATE_OBS),
+    _oxe("berkeley_gnm_cory_hall", _c.gnm_transform, _c.GNM_SHAPES, (None, None, "image"), _c.STATE_PAD2_STATE_OBS),
+    _oxe("berkeley_gnm_sac_son", _c.gnm_transform, _c.GNM_SHAPES, (None, None, "image"), _c.STATE_PAD2_STATE_OBS),
+    _oxe("droid", _d.droid_transform, _d.DROID_SHAPES,
+         ("exterior_image_1_left", "exterior_image_2_left", "wrist_image_left"), _d.DROID_STATE_OBS),
+    _oxe("fmb_dataset", _c.fmb_transform, _c.FMB_SHAPES, ("image_side_1", "image_side_2", "image_wrist_1"),
+         _c.PROPRIO_STATE_OBS),
+    _oxe("dobbe", _c.dobbe_transform, _c.DOBBE_SHAPES, ("wrist_image", None, None), _c.PROPRIO_STATE_OBS),
+    _oxe("roboset", _c.roboset_transform, _c.ROBOSET_SHAPES, ("image_left", "image_right", "image_wrist"),
+         _c.PROPRIO_STATE_OBS, encoding=_JOINT, action_dim=8),
+    _oxe("rh20t", _c.rh20t_transform, _c.RH20T_SHAPES, ("image_front", "image_side_right", "image_wrist"),
+         _c.PROPRIO_STATE_OBS),
+    *(
+        _oxe(f"tdroid_{task}", _d.tdroid_transform, _d.TDROID_SHAPES, ("static_image", None, None), _d.TDROID_STATE_OBS,
+             group="tdroid")
+        for task in ("carrot_in_bowl", "pour_corn_in_pot", "flip_pot_upright", "move_object_onto_plate",
+                     "knock_object_over", "cover_object_with_towel")
+    ),
+    _oxe("droid_wipe", _d.droid_wipe_transform, _d.DROID_WIPE_SHAPES, ("exterior_image_2_left", None, "wrist_image_left"),
+         _d.DROID_STATE_OBS, group="droid_finetuning"),
+    *(
+        _oxe(f"libero_{suite}_no_noops", _l.libero_transform, _l.LIBERO_SHAPES, ("image", None, "wrist_image"),
+             _l.LIBERO_STATE_OBS, group="libero")
+        for suite in ("spatial", "object", "goal", "10")
     ),
     _calvin("calvin", calvin.calvin_transform, calvin.CALVIN_KEYS),
     _calvin("calvin_recomputed", calvin.calvin_recomputed_transform, calvin.CALVIN_RECOMPUTED_KEYS),
     _calvin("calvin_robovlms", calvin.calvin_robovlms_transform, calvin.CALVIN_KEYS),
 ):
     register(_spec)
-del _spec
+del _spec, _o, _c, _d, _l
 
 
 def get_spec(name: str, registry: Mapping[str, DatasetSpec] | None = None) -> DatasetSpec:

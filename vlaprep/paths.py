@@ -49,8 +49,13 @@ def fsync_dir(path: str) -> None:
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Readers see the old file or the complete new one, never a partial write (local or object store)."""
-    with open_write_atomic(path) as f:
-        f.write(data)
+    try:
+        with open_write_atomic(path) as f:
+            f.write(data)
+    except OSError as e:  # ENOSPC/EDQUOT from write/fsync carry no file name: name the target
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
+        raise
 
 
 # --------------------------------------------------------------------------------------------------

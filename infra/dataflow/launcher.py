@@ -21,26 +21,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlaprep.pipelines.options import SHARD_OPTIONS, STATS_OPTIONS
+
 COMMANDS = ("stats", "shards")
 
-# template parameter -> vlaprep flag taking a value, and the commands that accept it
+# template parameter -> (vlaprep flag, the commands that accept it). Paths and --force are the commands'
+# own; every stage option comes from its one definition (vlaprep.pipelines.options).
+_STAGE_OPTIONS = {"stats": STATS_OPTIONS, "shards": SHARD_OPTIONS}
 VALUE_PARAMETERS = {
     "output": ("--output", COMMANDS),
     "registry": ("--registry", COMMANDS),
     "statistics": ("--statistics", ("shards",)),
     "tokenizer": ("--tokenizer", ("shards",)),
-    "heldout_fraction": ("--heldout-fraction", ("shards",)),
-    "seed": ("--seed", ("shards",)),
-    "image_size": ("--image-size", ("shards",)),
-    "cameras": ("--cameras", ("shards",)),
-    "target_shard_mb": ("--target-shard-mb", ("shards",)),
-    "action_chunk": ("--action-chunk", ("shards",)),
-    "normalization": ("--normalization", ("shards",)),
-    "action_encoding": ("--action-encoding", ("shards",)),
+    **{o.name: (o.flag, (command,)) for command, options in _STAGE_OPTIONS.items() for o in options if o.kind is not bool},
 }
 # template parameter ("true"/"false") -> vlaprep switch
 BOOL_PARAMETERS = {
-    "proprio": ("--proprio", ("stats",)),
+    **{o.name: (o.flag, (command,)) for command, options in _STAGE_OPTIONS.items() for o in options if o.kind is bool},
     "force": ("--force", ("stats",)),
 }
 REQUIRED = {"stats": ("output",), "shards": ("output", "statistics", "tokenizer")}

@@ -604,7 +604,8 @@ def test_copied_files_build_a_complete_wheel(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+    from vlaprep.pipelines.job import DatasetInput
+    from vlaprep.pipelines.stats_job import run_stats
     from vlaprep.synthetic.rlds import generate_rlds
     from vlaprep.transforms.registry import get_spec
 

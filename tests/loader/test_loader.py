@@ -6,9 +6,11 @@ frame came back. Actions encode (episode, step) the same way.
 
 import collections
 import functools
+import importlib.util
 import io
 import json
 import os
+import pathlib
 import pickle
 import re
 import subprocess
@@ -25,6 +27,10 @@ from torch.utils.data import DataLoader
 from vlaprep import loader
 from vlaprep.loader import ShardDataset, ShardSlice, collate_vla, load_manifest
 from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema
+
+_spec = importlib.util.spec_from_file_location("loader_manifest_helper", pathlib.Path(__file__).with_name("manifest_helper.py"))
+helper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helper)
 
 D, N, P, S = 3, 2, 2, 8  # action width, chunk, proprio width, image size
 PRIMARY, WRIST = 11, 22  # blue channel of each camera's frames
@@ -98,24 +104,41 @@ def episode_rows(episodes):
 
 
 def write_shards(root, files, *, split="train", row_group_size=3, manifest=True, wrist=True, proprio=True,
-                 options=None, rows_override=None):
-    """Write ``root/split/shard-i-of-k.parquet`` (+ manifest.json) -> every (episode_id, step) in file order."""
+                 options=None, rows_override=None, mixture=None, num_transitions=None):
+    """Write ``root/split/shard-i-of-k.parquet`` (+ manifest.json) -> every (episode_id, step) in file order.
+
+    Rows may name their dataset as a 4th field (default "toy"); a file's rows must then be sorted by
+    dataset, as the shard writer sorts them."""
     os.makedirs(os.path.join(root, split), exist_ok=True)
     entries, keys = [], []
     for i, episodes in enumerate(files):
         rel = f"{split}/shard-{i:05d}-of-{len(files):05d}.parquet"
         rows = episodes if rows_override else episode_rows(episodes)
         pq.write_table(rows_table(rows, wrist=wrist, proprio=proprio), os.path.join(root, rel), row_group_size=row_group_size)
-        entries.append({"path": rel, "split": split, "rows": len(rows), "episodes": len({r[0] for r in rows}),
-                        "bytes": os.path.getsize(os.path.join(root, rel)), "sha256": "not-checked"})
+        counts = {}
+        for r in rows:
+            name = r[3] if len(r) > 3 else "toy"
+            episodes_, n = counts.get(name, (set(), 0))
+            episodes_.add(r[0])
+            counts[name] = (episodes_, n + 1)
+        entries.append(helper.file_entry(root, rel, split, i, len(files), {k: (len(e), n) for k, (e, n) in counts.items()}))
         keys += [(episode_id(r[0]), r[1]) for r in rows]
     if manifest:
         opts = {"action_chunk": N, "image_size": S, "cameras": ["primary", "wrist"] if wrist else ["primary"],
                 "normalization": "bounds_q99", "action_encoding": "uniform"}
         opts.update(options or {})
-        with open(os.path.join(root, "manifest.json"), "w") as f:
-            json.dump({"files": entries, "options": opts}, f)
+        helper.write_manifest(root, entries, options=opts, action_dim=D, mixture=mixture, num_transitions=num_transitions)
     return keys
+
+
+def read_manifest_json(root):
+    with open(os.path.join(root, "manifest.json")) as f:
+        return json.load(f)
+
+
+def write_manifest_json(root, doc):
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(doc, f)
 
 
 def window(step: int, history: int) -> tuple[list[int], list[bool]]:
@@ -221,7 +244,7 @@ def test_more_files_than_workers_deals_whole_files_round_robin(tmp_path):
             got[rank * 2 + worker] = ds.slices_for(worker, 2)
     for g, pieces in got.items():
         assert [p.path for p in pieces] == paths[g::4]
-        assert all(p.start == 0 and p.stop is None for p in pieces)
+        assert all(p.start == 0 and p.stop == p.rows for p in pieces)  # whole files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,14 +337,14 @@ def test_history_one_gives_single_frames(tmp_path):
 def test_each_frame_is_decoded_once_per_pass(tmp_path, monkeypatch, world_size):
     expected = write_shards(tmp_path, ONE_FILE if world_size > 1 else MANY_FILES, row_group_size=2)
     calls = collections.Counter()
-    original = loader.decode_image
+    original = loader.decode_frame
 
     def counting(data):
-        frame = original(data)
-        calls[tuple(int(v) for v in frame[:, 0, 0])] += 1
+        frame = original(data)  # [S, S, 3]
+        calls[tuple(int(v) for v in frame[0, 0, :])] += 1
         return frame
 
-    monkeypatch.setattr(loader, "decode_image", counting)
+    monkeypatch.setattr(loader, "decode_frame", counting)
     seen = []
     for rank in range(world_size):
         ds = ShardDataset(tmp_path, rank=rank, world_size=world_size, history=4, shuffle_buffer=6)
@@ -354,8 +377,10 @@ def test_without_manifest_globs_split_and_infers_chunk(tmp_path):
     expected = write_shards(tmp_path, MANY_FILES, manifest=False, wrist=False, proprio=False)
     (tmp_path / "train" / ".tmp-0123-shard-00000-of-00005.parquet").write_bytes(b"half written")
     assert load_manifest(tmp_path) is None
+    with pytest.raises(loader.UnpublishedShardsError, match=f"expected manifest.json in {re.escape(repr(str(tmp_path)))}.*unpublished"):
+        ShardDataset(tmp_path, shuffle=False)
     with pytest.warns(UserWarning, match="no manifest.json"):
-        ds = ShardDataset(tmp_path, shuffle=False)
+        ds = ShardDataset(tmp_path, shuffle=False, require_manifest=False)
     assert ds.layout.chunk == N and ds.layout.action_dim == D and not ds.layout.wrist
     items = list(ds)
     assert [(i["episode_id"], i["step_index"]) for i in items] == expected
@@ -367,25 +392,28 @@ def test_manifest_lists_split_files_and_its_options_are_checked(tmp_path):
     write_shards(tmp_path, MANY_FILES)
     write_shards(tmp_path / "x", [[(9, 2)]], split="heldout")
     os.replace(tmp_path / "x" / "heldout", tmp_path / "heldout")
-    manifest = load_manifest(tmp_path)
-    manifest["files"] += load_manifest(tmp_path / "x")["files"]
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    train_entries = read_manifest_json(tmp_path)["files"]
+    heldout_entries = read_manifest_json(tmp_path / "x")["files"]
+    helper.write_manifest(tmp_path, train_entries + heldout_entries, options={"action_chunk": N, "image_size": S}, action_dim=D)
+    manifest = read_manifest_json(tmp_path)
+    assert isinstance(load_manifest(tmp_path), loader.layout.Manifest)
     assert keys_of(ShardDataset(tmp_path, "heldout", shuffle=False)) == [("ep009", 0), ("ep009", 1)]
     with pytest.raises(ValueError, match="expected shard files for split 'validation'"):
         ShardDataset(tmp_path, "validation")
 
     manifest["options"]["action_chunk"] = 3
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_json(tmp_path, manifest)
     with pytest.raises(ValueError, match="action_chunk N=3"):
         ShardDataset(tmp_path)
 
     manifest["options"]["action_chunk"] = N
+    entry = next(e for e in manifest["files"] if e["path"] == "train/shard-00001-of-00005.parquet")
     for key in ("rows", "bytes"):
-        manifest["files"][1][key] += 1
-        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        entry[key] += 1
+        write_manifest_json(tmp_path, manifest)
         with pytest.raises(ValueError, match=f"{key} in .*{re.escape('shard-00001-of-00005.parquet')}"):
             list(ShardDataset(tmp_path, shuffle=False))
-        manifest["files"][1][key] -= 1
+        entry[key] -= 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from vlaprep import paths
-from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.stats_job import run_stats
 from vlaprep.synthetic.calvin import generate_calvin
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.transforms.registry import get_spec

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vlaprep.pipelines.sources import ReadRLDS, read_rlds_shard
-from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+from vlaprep.pipelines.sources import iter_unit_episodes, source_units
+from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.stats_job import run_stats
 from vlaprep.schemas.episode import Episode
 from vlaprep.transforms.registry import get_spec, load_registry_yaml
 
@@ -80,8 +81,7 @@ def rt1(tmp_path_factory):
 
 def test_encoded_tensors_and_raw_pixels_decode(rt1):
     spec = get_spec("fractal20220817_data")
-    source = ReadRLDS(str(rt1), spec, image_roles=("primary",))
-    episodes = [e for shard in source.shards for e in read_rlds_shard(shard, spec, ("primary",)) if isinstance(e, Episode)]
+    episodes = [e for u in source_units(str(rt1), spec) for e in iter_unit_episodes(u, spec, ("primary",)) if isinstance(e, Episode)]
     assert len(episodes) == 9
     expected = {ep["text"]: ep for ep in _episodes(9)}
     for e in episodes:

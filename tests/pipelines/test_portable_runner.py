@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.stats_job import run_stats
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.transforms.registry import get_spec
 
@@ -87,7 +88,7 @@ def test_stats_identical_through_job_service_and_external_workers(tmp_path, data
     assert remote.computed == ["bridge_orig"]
     assert (tmp_path / "local/dataset_statistics.json").read_bytes() == (tmp_path / "portable/dataset_statistics.json").read_bytes()
     assert (tmp_path / "local/quarantine.jsonl").read_bytes() == (tmp_path / "portable/quarantine.jsonl").read_bytes()
-    assert len(local.quarantine) == 2
+    assert len(local.quarantine) == 1  # the NaN episode; the 2-step one is an empty trajectory OpenVLA counts
 
 
 @pytest.mark.timeout(400)

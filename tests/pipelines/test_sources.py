@@ -15,9 +15,9 @@ from PIL import Image
 
 from vlaprep.pipelines import safe_pickle
 from vlaprep.pipelines.sources import (
-    ReadCalvin,
-    ReadRLDS,
+    ReadDataset,
     SourceError,
+    source_units,
     list_calvin_windows,
     read_rlds_shard,
     resolve_rlds_version_dir,
@@ -59,7 +59,7 @@ def _collect(transform, tmp_path):
 
 def test_read_rlds_matches_tfds(rlds, tmp_path):
     spec = get_spec("bridge_orig")
-    episodes, quarantined = _collect(ReadRLDS(str(rlds), spec, image_roles=("primary",)), tmp_path)
+    episodes, quarantined = _collect(ReadDataset(str(rlds), spec, image_roles=("primary",)), tmp_path)
     assert quarantined == []
     builder = tfds.builder_from_directory(str(rlds))
     expected = {}
@@ -93,8 +93,7 @@ def test_corrupt_shard_quarantines_every_unread_record(rlds, tmp_path, damage):
     copy = tmp_path / "copy"
     shutil.copytree(rlds, copy)
     spec = get_spec("bridge_orig")
-    source = ReadRLDS(str(copy), spec)
-    shard = next(s for s in source.shards if s.split == "train")
+    (shard,) = next(u for u in source_units(str(copy), spec) if u.prefix.startswith("train/")).items
     path = copy / shard.filename
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -112,7 +111,7 @@ def test_corrupt_shard_quarantines_every_unread_record(rlds, tmp_path, damage):
 
 def test_read_calvin_windows_and_rel_actions(calvin, tmp_path):
     spec = get_spec("calvin_recomputed")  # reads `actions` too, so rel_actions can be checked
-    episodes, quarantined = _collect(ReadCalvin(str(calvin), spec, image_roles=("primary", "wrist")), tmp_path)
+    episodes, quarantined = _collect(ReadDataset(str(calvin), spec, image_roles=("primary", "wrist")), tmp_path)
     assert quarantined == []
     windows = list_calvin_windows(str(calvin))
     assert sorted(e.episode_id for e in episodes) == sorted(w.episode_id for w in windows)
@@ -124,18 +123,21 @@ def test_read_calvin_windows_and_rel_actions(calvin, tmp_path):
         assert ep.language
 
 
-def test_calvin_unlabeled_segments(calvin):
-    windows = list_calvin_windows(str(calvin), unlabeled=True)
-    segments = np.load(os.path.join(calvin, "training", "ep_start_end_ids.npy"))
-    train = [w for w in windows if w.split == "training"]
-    assert sorted((w.start, w.end - 1) for w in train) == sorted(map(tuple, segments.tolist()))
-    assert all(w.language == "" for w in windows)
+def test_calvin_units_cover_every_window_once(calvin):
+    spec = get_spec("calvin")
+    units = source_units(str(calvin), spec)
+    windows = [w for u in units for w in u.items]
+    assert [w.episode_id for w in windows] == [w.episode_id for w in list_calvin_windows(str(calvin))]
+    for unit in units:  # a unit's files are the frames its windows read, and only those
+        frames = {f"episode_{f:07d}.npz" for w in unit.items for f in range(w.start, w.end)}
+        assert {os.path.basename(f) for f in unit.files} == frames
+        assert 0 < len(unit.items) <= 64
 
 
 def test_calvin_faults_are_quarantined(tmp_path):
     root = generate_calvin(tmp_path / "c", frames=300, seed=3, image_static=8, image_gripper=8,
                            missing_frame_in_window=True, window_past_segment=True)
-    episodes, quarantined = _collect(ReadCalvin(str(root), get_spec("calvin")), tmp_path / "out")
+    episodes, quarantined = _collect(ReadDataset(str(root), get_spec("calvin")), tmp_path / "out")
     windows = list_calvin_windows(str(root))
     assert len(episodes) + len(quarantined) == len(windows)
     reasons = sorted(q.reason for q in quarantined)

@@ -1,8 +1,8 @@
 """``vlaprep validate`` on hand-written shards and a tiny random LLaVA, checked against independent recounts.
 
-Shards are written here with ``vlaprep.schemas.shards.shard_schema`` and a manifest in the layout of
-``pipelines/shards_job.py`` (files[] with path/split/rows, options, inputs.statistics.sha256), so every
-stored value and its expected round-trip error are known. Expected numbers are computed from
+Shards are written here with ``vlaprep.schemas.shards.shard_schema`` and a complete manifest
+(``tests/manifest_helpers.py``: what ``vlaprep shards`` writes for those files, with the statistics copy
+in ``inputs/``), so every stored value and its expected round-trip error are known. Expected numbers are computed from
 openvla.md's formulas directly (bin index ``floor((x + 1) * 255 / 2)``, center ``-1 + (k + 0.5) * 2/255``),
 not with ``ActionTokenizer``. Model metrics are recounted from ``predictions.jsonl``, and the
 predictions themselves are re-derived with a hand-written greedy loop over the model's forward pass.
@@ -10,11 +10,12 @@ predictions themselves are re-derived with a hand-written greedy loop over the m
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import io
 import json
 import math
 import os
+import pathlib
 import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -38,6 +39,7 @@ from vlaprep.pipelines.validate import (
 )
 from vlaprep.pipelines.validate_job import run_validate
 from vlaprep.schemas import validate_json
+from vlaprep.schemas.layout import ManifestError
 from vlaprep.schemas.shards import shard_schema
 from vlaprep.synthetic.model import build_tiny_llava
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
@@ -45,6 +47,18 @@ from vlaprep.transforms.action_tokenizer import ActionTokenizer
 from vlaprep.transforms.normalization import normalize_actions
 from vlaprep.transforms.prompt import build_training_ids_from_prefix, openvla_inference_prompt, prompt_prefix_ids
 
+
+
+def _load_manifest_helpers():
+    """``tests/manifest_helpers.py`` (importlib import mode: ``tests`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "manifest_helpers", pathlib.Path(__file__).resolve().parents[1] / "manifest_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_manifest = _load_manifest_helpers().write_manifest
 IN_PROCESS = ("--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner",)
 VOCAB = 32000
 LOW_ID, HIGH_ID = VOCAB - 256, VOCAB - 1
@@ -109,18 +123,16 @@ def episode_rows(dataset, episode_id, actions, instruction, stats, tokenizer, ch
 
 def write_shards(root, episodes, statistics, *, tokenizer, chunk=1, normalization="bounds_q99", encoding="uniform",
                  rows_per_file=None, train_episodes=()):
-    """episodes: [(dataset, episode_id, actions [T, D], instruction)] -> OUT with heldout/ (and train/) + manifest.
+    """episodes: [(dataset, episode_id, actions [T, D], instruction)] -> OUT with heldout/ (and train/), the
+    statistics copy in inputs/ and a complete manifest.
 
-    Returns the statistics path (the manifest records only its sha256, like vlaprep shards)."""
+    Returns the path of the statistics file outside OUT (what ``--statistics`` is given)."""
     os.makedirs(root, exist_ok=True)
     stats_path = os.path.join(root, "..", os.path.basename(root) + "_statistics.json")
     with open(stats_path, "w") as f:
         json.dump(statistics, f, indent=2)
-    with open(stats_path, "rb") as f:
-        stats_sha = hashlib.sha256(f.read()).hexdigest()
     D = len(episodes[0][2][0])
     schema = shard_schema(D, chunk)
-    files = []
     for split, eps in (("heldout", episodes), ("train", train_episodes)):
         rows = []
         for i, (dataset, episode_id, actions, instruction) in enumerate(eps):
@@ -135,17 +147,9 @@ def write_shards(root, episodes, statistics, *, tokenizer, chunk=1, normalizatio
             path = f"{split}/shard-{k:05d}-of-{len(parts):05d}.parquet"
             table = pa.Table.from_pylist(part, schema=schema)
             pq.write_table(table, os.path.join(root, path), row_group_size=3)  # several row groups per file
-            files.append({"path": path, "split": split, "shard_index": k, "num_shards": len(parts), "rows": len(part)})
-    manifest = {
-        "format": "vlaprep.shards",
-        "format_version": 1,
-        "options": {"image_size": 32, "cameras": ["primary"], "action_chunk": chunk, "normalization": normalization,
-                    "action_encoding": encoding, "action_dim": D, "n_bins": 256, "vocab_size": VOCAB, "eos_id": 2},
-        "inputs": {"statistics": {"sha256": stats_sha, "bytes": os.path.getsize(stats_path)}},
-        "files": sorted(files, key=lambda f: f["path"]),
-    }
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_manifest(root, statistics_path=stats_path, tokenizer=tokenizer, options={
+        "image_size": 32, "cameras": ["primary"], "action_chunk": chunk, "normalization": normalization,
+        "action_encoding": encoding, "action_dim": D, "n_bins": 256, "vocab_size": VOCAB, "eos_id": 2})
     return stats_path
 
 
@@ -361,9 +365,11 @@ def test_model_metrics_equal_an_independent_recount(validated, two_datasets):
 def test_predictions_equal_a_hand_written_greedy_loop(tiny, validated, two_datasets):
     """Batch 3 with left padding in the pipeline == one sample at a time through model(...) here."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny["model_dir"], local_files_only=True).eval()
+    from vlaprep.pipelines.validate import image_text_auto_class  # AutoModelForImageTextToText, or 4.45's Vision2Seq
+
+    model = image_text_auto_class().from_pretrained(tiny["model_dir"], local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(tiny["model_dir"], local_files_only=True)
     rows = {}
     for name in os.listdir(os.path.join(two_datasets["root"], "heldout")):
@@ -440,21 +446,33 @@ def test_remote_code_path_with_the_flag(tiny, known, tmp_path):
 
 
 def test_statistics_must_match_the_manifest_hash(tiny, known, two_datasets, tmp_path):
-    with pytest.raises(ValidationError, match="expected --statistics FILE"):
-        load_layout(known["root"], "heldout")
+    # without the flag: the manifest's copy (inputs/dataset_statistics.json, as vlaprep shards writes it)
+    copy_path = os.path.join(known["root"], "inputs", "dataset_statistics.json")
+    assert load_layout(known["root"], "heldout").statistics_source == copy_path
+    # --statistics overrides it, and must hash to the manifest's inputs.statistics.sha256 too
+    assert load_layout(known["root"], "heldout", known["stats_path"]).statistics_source == known["stats_path"]
     with pytest.raises(ValidationError, match="sha256"):
         load_layout(known["root"], "heldout", two_datasets["stats_path"])
     with pytest.raises(ValidationError, match="got splits \\['heldout'\\]"):
         load_layout(known["root"], "train", known["stats_path"])
     layout = load_layout(two_datasets["root"], "train", two_datasets["stats_path"])
     assert layout.rows == 3 and layout.action_dim == 7 and layout.action_chunk == 2
-    # a copy beside the manifest is found without the flag, and must hash to the manifest's sha256
+    # a copy that is not the statistics the rows were written with is refused; the flag still overrides it
     copy = tmp_path / "shards"
     shutil.copytree(known["root"], copy)
-    shutil.copy(known["stats_path"], copy / "dataset_statistics.json")
-    assert load_layout(str(copy), "heldout").statistics_source == str(copy / "dataset_statistics.json")
-    shutil.copy(two_datasets["stats_path"], copy / "dataset_statistics.json")
+    shutil.copy(two_datasets["stats_path"], copy / "inputs" / "dataset_statistics.json")
     with pytest.raises(ValidationError, match="sha256"):
+        load_layout(str(copy), "heldout")
+    assert load_layout(str(copy), "heldout", known["stats_path"]).statistics_source == known["stats_path"]
+    # no copy and no flag: one error saying what to pass
+    os.remove(copy / "inputs" / "dataset_statistics.json")
+    with pytest.raises(ValidationError, match="no such file; hint: pass --statistics FILE"):
+        load_layout(str(copy), "heldout")
+    # nothing else is looked for: a manifest key the writer never writes makes the manifest invalid
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["statistics_path"] = known["stats_path"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="does not match"):
         load_layout(str(copy), "heldout")
 
 
@@ -490,3 +508,36 @@ def test_units_sampling_prompt_tail_and_pickling(tiny, known):
     assert clone.spec == handler.spec
     layout = load_layout(known["root"], "heldout", known["stats_path"])
     assert pickler.loads(pickler.dumps(layout)).metrics_spec() == layout.metrics_spec()
+
+
+def test_predictions_jsonl_matches_its_schema(validated):
+    """Every line of predictions.jsonl against schemas/predictions.schema.json, and what the schema refuses."""
+    import copy
+
+    import jsonschema
+
+    from vlaprep.pipelines.validate_job import validate_predictions
+    from vlaprep.schemas import load_json_schema
+
+    lines = validated["predictions"]
+    validate_predictions(lines)
+    schema = load_json_schema("predictions")
+    assert set(schema["required"]) == set(lines[0]) == {
+        "dataset_name", "episode_id", "step_index", "action_token_ids", "generated_token_ids"}
+    good = lines[0]
+    broken = []
+    for key in good:
+        missing = copy.deepcopy(good)
+        del missing[key]
+        broken.append(missing)
+    broken += [
+        {**good, "extra": 1},
+        {**good, "step_index": -1},
+        {**good, "step_index": "3"},
+        {**good, "generated_token_ids": [str(i) for i in good["generated_token_ids"]]},
+        {**good, "action_token_ids": []},
+        {**good, "generated_token_ids": good["generated_token_ids"][:-1]},  # lengths differ
+    ]
+    for record in broken:
+        with pytest.raises(jsonschema.ValidationError):
+            validate_predictions([good, record])

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from vlaprep.pipelines.shards_job import run_shards
-from vlaprep.pipelines.stats_job import DatasetInput, run_stats
+from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.stats_job import run_stats
 from vlaprep.pipelines.validate_job import run_validate
 from vlaprep.synthetic.model import build_tiny_llava
 from vlaprep.synthetic.rlds import generate_rlds

@@ -201,12 +201,24 @@ def test_viola():
         "action/rotation_delta": np.array(RD),
         "action/gripper_closedness_action": np.array([1.0, 0.0, -1.0]),  # [T]; 1 = closed
         "observation/joint_states": np.full((3, 7), 2.0),
-        "observation/gripper_states": np.array([[0.01, -0.01]] * 3),
+        "observation/gripper_states": np.array([[0.01]] * 3),  # (1,) per step, as viola's features.json stores it
     }
     traj = oxe.viola_transform(steps)
     np.testing.assert_array_equal(traj.action[:, 6], [0.0, 1.0, 1.0])
     np.testing.assert_array_equal(traj.action[:, :6], np.concatenate([np.array(WV, f32), np.array(RD, f32)], axis=1))
-    np.testing.assert_array_equal(traj.proprio, np.array([[2.0] * 7 + [0.01, -0.01]] * 3, f32))
+    np.testing.assert_array_equal(traj.proprio, np.array([[2.0] * 7 + [0.01]] * 3, f32))
+
+
+def test_viola_rejects_the_two_wide_gripper_state_it_used_to_expect():
+    steps = {
+        "action/world_vector": np.array(WV),
+        "action/rotation_delta": np.array(RD),
+        "action/gripper_closedness_action": np.array([1.0, 0.0, -1.0]),
+        "observation/joint_states": np.full((3, 7), 2.0),
+        "observation/gripper_states": np.array([[0.01, -0.01]] * 3),
+    }
+    with pytest.raises(TransformError, match=r"expected width 1, got shape \(3, 2\) for key 'observation/gripper_states'"):
+        oxe.viola_transform(steps)
 
 
 def test_toto_bool_gripper():

@@ -25,6 +25,7 @@ try:
 except ImportError:  # Beam vendors it
     from apache_beam.internal.cloudpickle import cloudpickle
 
+# The entries these tests work out by hand (the original built-ins); ALL_BUILTINS is the whole registry.
 BUILTINS = [
     "bridge_orig",
     "bridge_dataset",
@@ -39,6 +40,34 @@ BUILTINS = [
     "calvin",
     "calvin_recomputed",
     "calvin_robovlms",
+]
+
+# OpenVLA's OXE_DATASET_CONFIGS names in its order (oxe/configs.py), then vlaprep's CALVIN variants.
+ALL_BUILTINS = [
+    "fractal20220817_data", "kuka", "bridge_oxe", "bridge_orig", "bridge_dataset", "taco_play", "jaco_play",
+    "berkeley_cable_routing", "roboturk", "nyu_door_opening_surprising_effectiveness", "viola", "berkeley_autolab_ur5",
+    "toto", "language_table", "columbia_cairlab_pusht_real",
+    "stanford_kuka_multimodal_dataset_converted_externally_to_rlds", "nyu_rot_dataset_converted_externally_to_rlds",
+    "stanford_hydra_dataset_converted_externally_to_rlds", "austin_buds_dataset_converted_externally_to_rlds",
+    "nyu_franka_play_dataset_converted_externally_to_rlds", "maniskill_dataset_converted_externally_to_rlds",
+    "furniture_bench_dataset_converted_externally_to_rlds", "cmu_franka_exploration_dataset_converted_externally_to_rlds",
+    "ucsd_kitchen_dataset_converted_externally_to_rlds", "ucsd_pick_and_place_dataset_converted_externally_to_rlds",
+    "austin_sailor_dataset_converted_externally_to_rlds", "austin_sirius_dataset_converted_externally_to_rlds", "bc_z",
+    "utokyo_pr2_opening_fridge_converted_externally_to_rlds",
+    "utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds",
+    "utokyo_xarm_pick_and_place_converted_externally_to_rlds", "utokyo_xarm_bimanual_converted_externally_to_rlds",
+    "robo_net", "berkeley_mvp_converted_externally_to_rlds", "berkeley_rpt_converted_externally_to_rlds",
+    "kaist_nonprehensile_converted_externally_to_rlds", "stanford_mask_vit_converted_externally_to_rlds",
+    "tokyo_u_lsmo_converted_externally_to_rlds", "dlr_sara_pour_converted_externally_to_rlds",
+    "dlr_sara_grid_clamp_converted_externally_to_rlds", "dlr_edan_shared_control_converted_externally_to_rlds",
+    "asu_table_top_converted_externally_to_rlds", "stanford_robocook_converted_externally_to_rlds",
+    "imperialcollege_sawyer_wrist_cam", "iamlab_cmu_pickup_insert_converted_externally_to_rlds", "uiuc_d3field",
+    "utaustin_mutex", "berkeley_fanuc_manipulation", "cmu_playing_with_food", "cmu_play_fusion", "cmu_stretch",
+    "berkeley_gnm_recon", "berkeley_gnm_cory_hall", "berkeley_gnm_sac_son", "droid", "fmb_dataset", "dobbe", "roboset",
+    "rh20t", "tdroid_carrot_in_bowl", "tdroid_pour_corn_in_pot", "tdroid_flip_pot_upright",
+    "tdroid_move_object_onto_plate", "tdroid_knock_object_over", "tdroid_cover_object_with_towel", "droid_wipe",
+    "libero_spatial_no_noops", "libero_object_no_noops", "libero_goal_no_noops", "libero_10_no_noops",
+    "calvin", "calvin_recomputed", "calvin_robovlms",
 ]
 
 _BRIDGE = {"action": (7,), "observation/state": (7,)}
@@ -67,7 +96,7 @@ STEP_SHAPES = {
         "action/rotation_delta": (3,),
         "action/gripper_closedness_action": (),
         "observation/joint_states": (7,),
-        "observation/gripper_states": (2,),
+        "observation/gripper_states": (1,),  # features.json: (1,)
     },
     "toto": {"action/world_vector": (3,), "action/rotation_delta": (3,), "action/open_gripper": (), "observation/state": (7,)},
     "language_table": {"action": (2,), "observation/effector_translation": (2,)},
@@ -75,7 +104,7 @@ STEP_SHAPES = {
     "calvin_recomputed": {"actions": (7,), "robot_obs": (15,), "rel_actions": (7,)},
     "calvin_robovlms": _CALVIN,
 }
-PROPRIO_DIM = {name: 8 for name in BUILTINS} | {"viola": 9, "calvin": 15, "calvin_recomputed": 15, "calvin_robovlms": 15}
+PROPRIO_DIM = {name: 8 for name in BUILTINS} | {"calvin": 15, "calvin_recomputed": 15, "calvin_robovlms": 15}
 
 
 def make_steps(name, t=5, seed=0):
@@ -97,7 +126,8 @@ def assert_same_trajectory(a, b):
 
 # --- Built-in entries ----------------------------------------------------------------------------
 def test_builtin_names():
-    assert list(REGISTRY) == BUILTINS
+    assert list(REGISTRY) == ALL_BUILTINS
+    assert len(ALL_BUILTINS) == 73 and set(BUILTINS) <= set(ALL_BUILTINS)
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -218,7 +248,7 @@ def test_register_rejects_duplicates():
         register(_spec(name="a"), registry=reg)
     with pytest.raises(ValueError, match="already registered"):
         register(_spec(name="bridge_orig"))  # the default registry is the built-ins
-    assert list(REGISTRY) == BUILTINS
+    assert list(REGISTRY) == ALL_BUILTINS
 
 
 def test_get_spec():
@@ -228,7 +258,7 @@ def test_get_spec():
     with pytest.raises(KeyError) as info:
         get_spec("nope")
     msg = info.value.args[0]
-    assert msg.startswith("unknown dataset 'nope'; known: ['berkeley_cable_routing', 'bridge_dataset'")
+    assert msg.startswith("unknown dataset 'nope'; known: ['asu_table_top_converted_externally_to_rlds', 'austin_buds")
     assert msg.endswith("; hint: add it with --registry FILE")
 
 
@@ -429,13 +459,13 @@ def test_yaml_builtin_collision_needs_override(tmp_path):
     merged = merged_registry(path)
     assert isinstance(merged["bridge_orig"].transform, GenericTransform)
     assert REGISTRY["bridge_orig"].transform is oxe.bridge_orig_transform  # built-ins untouched
-    assert set(merged) == set(BUILTINS) | {"my_calvin"}
+    assert set(merged) == set(ALL_BUILTINS) | {"my_calvin"}
 
 
 def test_merged_registry(tmp_path):
     assert merged_registry(None) == REGISTRY and merged_registry(None) is not REGISTRY
     merged = merged_registry(_write(tmp_path, GOOD_YAML))
-    assert list(merged) == BUILTINS + ["my_robot", "my_calvin"]
+    assert list(merged) == ALL_BUILTINS + ["my_robot", "my_calvin"]
     assert get_spec("my_robot", merged).name == "my_robot"
 
 

@@ -113,6 +113,9 @@ def _configs(size: LlavaSize, tokenizer):
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
+        # image tokens per image; transformers 4.45-4.46 take fewer than this (default 576) in input_ids as
+        # "the processor did not expand <image>" and fail on batches
+        image_seq_length=size.num_image_tokens,
     )
 
 

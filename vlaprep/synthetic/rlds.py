@@ -36,6 +36,11 @@ Semantics of the values (what a reader can rely on):
 - TFDS shuffles example order within a split by a hash of the key, deterministically; identify
   episodes by ``episode_id``, not by position.
 
+Other layouts: ``generate_rlds(..., layout="kuka")`` writes the real on-disk layout of any dataset of
+OpenVLA's ``OXE_DATASET_CONFIGS`` instead (``vlaprep.synthetic.layouts``: every step feature with its
+shape, dtype and encoding, values chosen to exercise OpenVLA's transforms); the Bridge-specific options
+(fractions, step ranges, fault injection) do not apply there.
+
 Fault injection (all off by default):
 - ``nan_episodes=n``: the ``n`` train episodes with the lowest ids get one NaN in one action value.
 - ``short_episodes=(0, 1, 2)``: extra train episodes (ids ``episodes, episodes + 1, ...``) with exactly
@@ -401,7 +406,7 @@ def _builder_class(name: str, plan: _Plan) -> type[_SyntheticBridgeBuilder]:
 
 def generate_rlds(
     output_dir: str | pathlib.Path,
-    name: str = "bridge_orig",
+    name: str | None = None,
     episodes: int = 20,
     seed: int = 0,
     image_size: int = 256,
@@ -414,12 +419,14 @@ def generate_rlds(
     nan_episodes: int = 0,
     short_episodes: Sequence[int] = (),
     progress: bool = False,
+    layout: str | None = None,
 ) -> pathlib.Path:
     """Writes a synthetic Bridge-layout RLDS dataset with TFDS; returns ``output_dir/name/1.0.0``.
 
     Args:
       output_dir: TFDS data dir; the dataset lands in ``output_dir/<name>/1.0.0``, which must not exist.
-      name: dataset name (folder and shard file prefix); the feature layout is Bridge's whatever it is.
+      name: dataset name (folder and shard file prefix; default ``bridge_orig``, or the layout's name);
+        without ``layout`` the feature layout is Bridge's whatever it is.
       episodes: regular episodes, ids ``0..episodes-1``; val takes the highest ``round(episodes *
         val_fraction)`` ids (at least 1 when ``episodes >= 2`` and ``val_fraction > 0``).
       seed: everything is a deterministic function of the seed (identical TFRecord bytes).
@@ -432,7 +439,21 @@ def generate_rlds(
       nan_episodes: the lowest-id train episodes that get one NaN in one action value.
       short_episodes: step counts of extra train episodes (0 allowed: empty ``steps``).
       progress: show TFDS's progress bars.
+      layout: an OXE dataset name (OpenVLA's): write that dataset's layout with
+        ``vlaprep.synthetic.layouts.generate_layout_rlds`` (uses episodes, seed, image_size as the longer
+        image side, num_shards, max_steps (>= 3) and progress; the Bridge-only options must stay default).
     """
+    if layout is not None:
+        from vlaprep.synthetic.layouts import generate_layout_rlds
+
+        bridge_only = dict(val_fraction=(val_fraction, 0.1), empty_language_fraction=(empty_language_fraction, 0.1),
+                           min_steps=(min_steps, 3), nan_episodes=(nan_episodes, 0), short_episodes=(tuple(short_episodes), ()))
+        changed = sorted(k for k, (v, default) in bridge_only.items() if v != default)
+        if changed:
+            raise ValueError(f"expected only layout options with layout={layout!r}, got Bridge-only options {changed!r}")
+        return generate_layout_rlds(output_dir, layout, name=name, episodes=episodes, seed=seed, image_size=image_size,
+                                    num_shards=num_shards, max_steps=max_steps, progress=progress)
+    name = "bridge_orig" if name is None else name
     if episodes < 1:
         raise ValueError(f"expected episodes >= 1, got {episodes!r}")
     if not 1 <= min_steps <= max_steps:
