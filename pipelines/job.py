@@ -63,6 +63,18 @@ def beam_options(beam_args: Sequence[str], input_bytes: int | None = None) -> Pi
 
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a reused pid counts as alive: the safe direction for
+    deciding that an owner of staging files is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -81,7 +81,7 @@ from vlaprep.paths import confined
 from vlaprep.pipelines import fingerprint, shards_job
 from vlaprep.pipelines.options import SHARD_OPTIONS, STATS_OPTIONS, VALIDATE_OPTIONS, Option
 from vlaprep.pipelines.shards import ShardsArgumentError
-from vlaprep.pipelines.job import DatasetInput, dataset_input, load_registry, mixture_inputs
+from vlaprep.pipelines.job import DatasetInput, dataset_input, load_registry, mixture_inputs, pid_alive
 from vlaprep.pipelines.stats_job import CACHE_FILE, dataset_fingerprint, run_stats, summary_table, write_json_atomic
 from vlaprep.schemas import layout
 from vlaprep.schemas.layout import CURRENT_LINK, LATEST_FILE, MANIFEST_FILE, SHARDS_STAGE_DIR, VERSIONS_DIR
@@ -572,16 +572,6 @@ def _ours(vdir: str) -> bool:
     return isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT and marker.get("version") == paths.basename(vdir)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
 
@@ -645,7 +635,7 @@ def _finished_staging(versions_root: str, log) -> list[str]:
             owner = {}
         owner = owner if isinstance(owner, dict) else {}
         if owner.get("abandoned") is True or (
-            owner.get("host") == host and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"])
+            owner.get("host") == host and isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"])
         ):
             finished.append(directory)
         else:

@@ -50,7 +50,7 @@ import numpy as np
 
 import vlaprep
 from vlaprep import paths
-from vlaprep.errors import environment_error
+from vlaprep.errors import environment_error, in_chain
 from vlaprep.paths import confined, fsync_dir, write_bytes_atomic
 from vlaprep.pipelines import fingerprint, sources
 from vlaprep.pipelines.shards import (
@@ -69,9 +69,10 @@ from vlaprep.pipelines.shards import (
     target_shard_bytes,
 )
 from vlaprep.pipelines.options import SHARD_OPTIONS
-from vlaprep.pipelines.job import DatasetInput, beam_options
+from vlaprep.pipelines.job import DatasetInput, beam_options, pid_alive
 from vlaprep.pipelines.stats_job import dataset_fingerprint
 from vlaprep.schemas import layout, validate_json
+from vlaprep.schemas.episode import quarantine_jsonl
 from vlaprep.schemas.layout import (
     HELDOUT,
     INPUTS_DIR,
@@ -135,16 +136,6 @@ def _empty_local_dir(path: str) -> bool:
     return not paths.is_remote(path) and os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def _present(path: str) -> bool:
     """A file, directory or symlink (local), or an object or a non-empty prefix (remote)."""
     if paths.is_remote(path):
@@ -194,7 +185,7 @@ def reclaim_stale_staging(output_dir: str, log=print) -> list[str]:
         if not owner.get("wait", True):
             log(f"[shards] left alone: {directory} (staging of a --no-wait job, which may still be running)")
             continue
-        if owner["host"] == host and not _pid_alive(owner["pid"]):
+        if owner["host"] == host and not pid_alive(owner["pid"]):
             _remove_owned(directory)
             removed.append(name)
             log(f"[shards] removed {directory}: staging of an interrupted run (pid {owner['pid']} is gone)")
@@ -357,9 +348,9 @@ def _check_inputs(inputs: Sequence[DatasetInput], cameras: tuple[str, ...]) -> i
             f"expected one action width for all datasets (one shard schema), got {dims!r}; hint: run vlaprep shards once per width"
         )
     for item in inputs:
-        if item.spec.primary_image is None:
+        if item.spec.camera_key("primary") is None:
             raise ShardsArgumentError(f"expected a primary camera for dataset {item.name!r}, got none in its registry entry")
-        if "wrist" in cameras and item.spec.wrist_image is None:
+        if "wrist" in cameras and item.spec.camera_key("wrist") is None:
             raise ShardsArgumentError(
                 f"expected a wrist camera for dataset {item.name!r} (--cameras {','.join(cameras)}), got none in its "
                 "registry entry; hint: use --cameras primary, or declare wrist_image with --registry"
@@ -567,7 +558,7 @@ class ShardsFinalizer:
         quarantine = sorted(quarantine, key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
         paths.remove_tree(paths.join(self.staging, _WORK))
         _check_files(self.staging, file_infos)
-        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in quarantine).encode("utf-8")
+        data = quarantine_jsonl(quarantine)
         write_bytes_atomic(paths.join(self.staging, SHARDS_QUARANTINE_FILE), data)
         quarantine_info = {"path": SHARDS_QUARANTINE_FILE, "records": len(quarantine), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = build_manifest(
@@ -838,7 +829,7 @@ def _committed(output_dir: str, journal: dict, where: str) -> bool:
 def _check_publisher_gone(output_dir: str, name: str, journal: dict) -> None:
     age = time.time() - float(journal.get("time") or 0)
     if journal["host"] == socket.gethostname():
-        if not _pid_alive(journal["pid"]):
+        if not pid_alive(journal["pid"]):
             return
         later = "once that process is gone"
     else:
@@ -1059,15 +1050,9 @@ _BEAM_SUFFIX = re.compile(r"(\s*\[while running '[^']*'\])+\s*$")
 def _refusal_in(exc: BaseException) -> str | None:
     """The message of a ``PublishRefused`` raised by the last step, from the runner's exception: the
     exception itself in-process, or the remote traceback's text (Beam appends "[while running ...]")."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, PublishRefused):
-            return _BEAM_SUFFIX.sub("", str(e))
-        stack.extend([e.__cause__, e.__context__])
+    found = in_chain(exc, lambda e: isinstance(e, PublishRefused))
+    if found is not None:
+        return _BEAM_SUFFIX.sub("", str(found))
     marker = f"{PublishRefused.__name__}: "
     lines = [line for line in str(exc).splitlines() if marker in line]
     return _BEAM_SUFFIX.sub("", lines[-1].split(marker, 1)[1]) if lines else None

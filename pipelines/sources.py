@@ -285,7 +285,7 @@ def decode_rlds_example(
     language = next((t for t in step_languages if t.strip()), "")
     images = {}
     for role in image_roles:
-        key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
+        key = spec.camera_key(role)
         if key is None:
             raise ValueError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
         if key not in steps:
@@ -375,7 +375,7 @@ def rlds_keys(spec: DatasetSpec, image_roles: Sequence[str] = ()) -> list[str]:
     """Step keys to parse: what the transform reads, the language key, the requested cameras."""
     keys = list(spec.required_keys)
     for role in image_roles:
-        key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
+        key = spec.camera_key(role)
         if key is None:
             raise SourceError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
         keys.append(key)
@@ -793,7 +793,7 @@ def load_calvin_window(window: CalvinWindow, spec: DatasetSpec, image_roles: Seq
     keys = [k for k in spec.required_keys]
     image_keys = {}
     for role in image_roles:
-        key = {"primary": spec.primary_image, "wrist": spec.wrist_image}[role]
+        key = spec.camera_key(role)
         if key is None:
             raise ValueError(f"expected a {role} camera for dataset {spec.name!r}, got none in its registry entry")
         image_keys[role] = key

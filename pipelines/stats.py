@@ -11,7 +11,6 @@ Pipeline shape (per run, all datasets in one pipeline, keyed by dataset name):
 
 from __future__ import annotations
 
-import dataclasses
 
 import apache_beam as beam
 import numpy as np
@@ -22,7 +21,7 @@ from vlaprep.pipelines.exact_stats import (
     SelectionAccumulator,
     plan_order_statistics,
 )
-from vlaprep.schemas.episode import Episode, QuarantineRecord
+from vlaprep.schemas.episode import Episode, TrajectoryRecord
 from vlaprep.transforms.base import EmptyTrajectoryError, Trajectory
 from vlaprep.transforms.registry import DatasetSpec
 
@@ -30,17 +29,6 @@ QUARANTINE = "quarantine"
 _NAMESPACE = "vlaprep"
 ACTION = "action"
 PROPRIO = "proprio"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrajectoryRecord:
-    """A transformed episode: what statistics and shards consume."""
-
-    dataset_name: str
-    episode_id: str
-    split: str
-    language: str
-    trajectory: Trajectory
 
 
 def _check_width(trajectory: Trajectory, spec: DatasetSpec) -> None:

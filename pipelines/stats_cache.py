@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import zipfile
-from typing import Sequence
 
 import numpy as np
 
@@ -36,9 +34,8 @@ from vlaprep.pipelines import fingerprint
 from vlaprep.errors import UserError
 from vlaprep.pipelines import sources
 from vlaprep.pipelines.sources import SourceUnit
-from vlaprep.pipelines.stats import ACTION, PROPRIO, TrajectoryRecord, transform_episode
-from vlaprep.schemas.episode import Episode, QuarantineRecord
-from vlaprep.transforms.base import Trajectory
+from vlaprep.pipelines.stats import ACTION, PROPRIO, transform_episode
+from vlaprep.schemas.episode import QuarantineRecord
 from vlaprep.transforms.registry import DatasetSpec
 
 CACHE_DIR = "stats_cache"

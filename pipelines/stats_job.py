@@ -19,13 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 import uuid
 from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from vlaprep.errors import OutputError, UserError, describe_environment_error
 from vlaprep import paths
@@ -36,7 +34,7 @@ from vlaprep.pipelines.histogram_png import render_histograms
 from vlaprep.pipelines.stats import HISTOGRAM_KEY, ComputeDatasetStatistics
 from vlaprep.pipelines.stats_cache import StatsCacheError
 from vlaprep.schemas import validate_json
-from vlaprep.transforms.registry import DatasetSpec
+from vlaprep.schemas.episode import quarantine_jsonl
 
 STATS_FILE = "dataset_statistics.json"
 CACHE_FILE = "dataset_statistics.cache.json"
@@ -376,7 +374,7 @@ def run_stats(
 
 
 def _write_jsonl_atomic(path: str, records: list) -> None:
-    write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+    write_bytes_atomic(path, quarantine_jsonl(records))
 
 
 def summary_table(result: StatsResult, cache: dict | None = None) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 
 from vlaprep import paths
+from vlaprep.errors import in_chain
 from vlaprep.paths import confined
 from vlaprep.pipelines.job import beam_options
 from vlaprep.pipelines.stats_job import write_json_atomic
@@ -71,15 +72,7 @@ def validate_predictions(records) -> None:
 
 def _user_error_in(exc: BaseException) -> ValidationError | None:
     """A ``ValidationError`` raised in a worker (load_model), found through the cause chain Beam keeps."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ValidationError):
-            return e
-        stack.extend([e.__cause__, e.__context__])
+    return in_chain(exc, lambda e: isinstance(e, ValidationError))
     return None
 
 

@@ -20,6 +20,11 @@ Episode
                                     (JPEG/PNG bytes) or a decoded ``[T, H, W, 3] uint8`` array;
                                     empty when the consumer asked for no images (statistics)
 
+TrajectoryRecord (an Episode after its dataset's transform: what statistics and shards consume)
+  dataset_name, episode_id, split, language
+  trajectory:   Trajectory          action [T', D] float32, proprio [T', P] float32, step_index [T'] int64
+                                    (``vlaprep.transforms.base``; T' may be 0: an empty trajectory OpenVLA counts)
+
 QuarantineRecord
   dataset_name, episode_id, stage ("read" | "transform" | "shard" ...), reason (one line)
 """
@@ -56,6 +61,15 @@ class Episode:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrajectoryRecord:
+    dataset_name: str
+    episode_id: str
+    split: str
+    language: str
+    trajectory: object  # vlaprep.transforms.base.Trajectory
+
+
+@dataclasses.dataclass(frozen=True)
 class QuarantineRecord:
     dataset_name: str
     episode_id: str
@@ -72,6 +86,10 @@ def quarantine_jsonl(records) -> bytes:
     ``schemas/quarantine_record.schema.json``. ``records``: QuarantineRecords or their dicts."""
     import json
 
+    from vlaprep.schemas import validate_json
+
     rows = [r.to_json_dict() if isinstance(r, QuarantineRecord) else dict(r) for r in records]
     rows.sort(key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
+    for row in rows:
+        validate_json(row, "quarantine_record")
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")

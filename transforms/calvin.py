@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from vlaprep.transforms.base import Trajectory, TransformError
-from vlaprep.transforms.oxe import check_lengths, require_keys
+from vlaprep.transforms.steps import check_lengths, require_keys
 
 CALVIN_KEYS = ("rel_actions", "robot_obs")
 CALVIN_RECOMPUTED_KEYS = ("actions", "robot_obs", "rel_actions")

@@ -26,14 +26,11 @@ import numpy as np
 
 from vlaprep.transforms.base import EmptyTrajectoryError, Trajectory, TransformError
 from vlaprep.transforms.gripper import binarize_gripper_actions, rel2abs_gripper_actions
-from vlaprep.transforms.steps import (  # noqa: F401 - re-exported: calvin.py and the registry import them here
+from vlaprep.transforms.steps import (
     check_lengths,
     invert_clip01,
-    read_column,
-    read_matrix,
     read_steps,
     read_zlib_matrix,
-    require_keys,
     state_proprio,
     trajectory,
     zeros,

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from vlaprep.transforms import calvin, droid, libero, oxe, oxe_converted
+from vlaprep.transforms import steps as steps_lib
 from vlaprep.transforms.base import ActionEncoding, Trajectory, TransformError
 from vlaprep.transforms.gripper import (
     binarize_gripper_actions,
@@ -162,10 +163,12 @@ class DatasetSpec:
         for training (``make_oxe_dataset_kwargs``); vlaprep still computes their statistics and shards."""
         return self.action_encoding in OPENVLA_TRAINABLE_ENCODINGS
 
-    def source_keys(self) -> tuple[str, ...]:
-        """Every step key a source must decode: required_keys, then cameras and language (no repeats)."""
-        keys = [*self.required_keys, self.primary_image, self.wrist_image, self.language_key]
-        return tuple(dict.fromkeys(k for k in keys if k is not None))
+    def camera_key(self, role: str) -> str | None:
+        """The step key of camera ``role`` ("primary", "secondary", "wrist"), or None if the dataset has none."""
+        keys = {"primary": self.primary_image, "secondary": self.secondary_image, "wrist": self.wrist_image}
+        if role not in keys:
+            raise ValueError(f"expected a camera role among {sorted(keys)!r}, got {role!r}")
+        return keys[role]
 
     def fingerprint(self) -> str:
         """sha256 hex over the spec's fields and the source of every ``transforms/*.py`` file.
@@ -243,9 +246,9 @@ class GenericTransform:
 
     def __call__(self, steps: Mapping[str, np.ndarray]) -> Trajectory:
         name = f"GenericTransform for dataset {self.dataset!r}"
-        oxe.require_keys(steps, self.required_keys, name)
-        action_parts = {k: oxe.read_matrix(steps, k, name) for k in self.action_keys}
-        state_parts = {k: oxe.read_matrix(steps, k, name) for k in self.state_keys}
+        steps_lib.require_keys(steps, self.required_keys, name)
+        action_parts = {k: steps_lib.read_matrix(steps, k, name) for k in self.action_keys}
+        state_parts = {k: steps_lib.read_matrix(steps, k, name) for k in self.state_keys}
         t = oxe.check_lengths(name, **{**action_parts, **state_parts})  # a key may be in both
         action = np.concatenate(list(action_parts.values()), axis=1)  # [T, D]
         if action.shape[1] == 0:

@@ -36,22 +36,32 @@ class Interrupted(UserError):
     """The run was stopped by SIGINT/SIGTERM; its workers were stopped and nothing was published."""
 
 
+def in_chain(exc: BaseException, wanted) -> BaseException | None:
+    """The first exception in ``exc``'s cause/context chain for which ``wanted(e)`` holds (``exc`` included).
+
+    Beam re-raises a worker's failure wrapped in its own exception types; what the worker raised is
+    reachable through ``__cause__``/``__context__`` when it ran in-process."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if wanted(e):
+            return e
+        stack.extend([e.__cause__, e.__context__])
+    return None
+
+
 def environment_error(exc: BaseException) -> OSError | None:
     """The ``OSError`` of a machine failure (disk full, read-only, ...) in ``exc``'s cause chain, if any.
 
     Beam re-raises a worker's failure wrapped in its own exception types; the original ``OSError``
     is found through ``__cause__``/``__context__``, or, from another process, in the message text.
     """
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
-            return e
-        stack.extend([e.__cause__, e.__context__])
+    found = in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS)
+    if found is not None:
+        return found
     text = str(exc)
     for code in sorted(ENVIRONMENT_ERRNOS):
         marker = f"[Errno {code}]"

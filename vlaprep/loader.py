@@ -104,7 +104,6 @@ no TensorFlow.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import datetime

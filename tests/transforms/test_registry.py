@@ -155,7 +155,7 @@ def test_builtin_camera_and_language_keys():
     for name in ("calvin", "calvin_recomputed", "calvin_robovlms"):
         spec = REGISTRY[name]
         assert (spec.primary_image, spec.wrist_image, spec.language_key) == ("rgb_static", "rgb_gripper", None)
-    assert bridge.source_keys() == ("action", "observation/state", "observation/image_0", "language_instruction")
+    assert (bridge.camera_key("primary"), bridge.camera_key("wrist")) == ("observation/image_0", None)
 
 
 @pytest.mark.parametrize("name", BUILTINS)
