@@ -206,7 +206,10 @@ class ShardOptions:
     eos_id: int
     model_max_length: int
     tokenization: str
-    proprio_dim: int = 0  # P of the `proprio` column; 0 = no column (no state, or widths differ)
+    proprio_dim: int = 0  # P of the `proprio` column: the widest dataset's; 0 = no column (no dataset has state)
+    # ((dataset, width), ...) when the datasets' widths differ: each row holds its dataset's width,
+    # zero-padded to P (recorded in the manifest, so no state is dropped or mistaken). () when all agree.
+    proprio_dims: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "cameras", parse_cameras(self.cameras))
@@ -267,7 +270,12 @@ class ShardOptions:
             "model_max_length": self.model_max_length,
             "tokenization": self.tokenization,
             "proprio_dim": self.proprio_dim,
+            **({"proprio_dims": dict(self.proprio_dims)} if self.proprio_dims else {}),
         }
+
+    def proprio_width(self, dataset: str) -> int:
+        """The width of ``dataset``'s own proprio inside the (zero-padded) ``proprio`` column."""
+        return dict(self.proprio_dims).get(dataset, self.proprio_dim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -877,9 +885,12 @@ class EpisodeEncoder:
                 input_ids, _, action_ids = rows.ids(row, row + 1)
                 self._check_text_round_trip(text, np.asarray(input_ids[0]), np.asarray(action_ids[0]))
         if opts.proprio_dim:
-            proprio = np.ascontiguousarray(trajectory.proprio, dtype=np.float32)  # [T, P]
-            if proprio.shape != (t, opts.proprio_dim):
-                raise ValueError(f"expected proprio [T, {opts.proprio_dim}] like the run's other episodes, got {proprio.shape!r}")
+            proprio = np.ascontiguousarray(trajectory.proprio, dtype=np.float32)  # [T, P_dataset]
+            width = opts.proprio_width(episode.dataset_name)
+            if proprio.shape != (t, width):
+                raise ValueError(f"expected proprio [T, {width}] like the dataset's other episodes, got {proprio.shape!r}")
+            if width < opts.proprio_dim:  # zero-padded to the column's width (the manifest records `width`)
+                proprio = np.concatenate([proprio, np.zeros((t, opts.proprio_dim - width), np.float32)], axis=1)
             rows.proprio = proprio
         return rows
 

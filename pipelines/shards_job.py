@@ -358,9 +358,10 @@ def _check_inputs(inputs: Sequence[DatasetInput], cameras: tuple[str, ...]) -> i
     return next(iter(dims.values()))
 
 
-def probe_proprio_dim(inputs: Sequence[DatasetInput], log=print, tries: int = 8) -> int:
-    """P of the `proprio` column: the width every dataset's transform gives (read from a few episodes on
-    the launcher), or 0 when a dataset has no state or the widths differ (one schema per run)."""
+def probe_proprio_dims(inputs: Sequence[DatasetInput], log=print, tries: int = 8) -> dict[str, int]:
+    """{dataset: the proprio width its transform gives} (read from a few of its episodes on the launcher;
+    0 when it has no state). ``ShardOptions`` turns it into the column: the widest, zero-padded, with every
+    dataset's own width in the manifest when they differ."""
     from vlaprep.pipelines.stats import transform_episode
     from vlaprep.schemas.episode import Episode as _Episode
 
@@ -379,11 +380,10 @@ def probe_proprio_dim(inputs: Sequence[DatasetInput], log=print, tries: int = 8)
             except ValueError:  # transform_episode's contract: this episode does not fit the entry
                 continue
         widths[item.name] = width or 0
-    distinct = set(widths.values())
-    if len(distinct) == 1:
-        return distinct.pop()
-    log(f"[shards] no proprio column: widths differ across datasets {widths}; run them separately to keep it")
-    return 0
+    if len(set(widths.values())) > 1:
+        log(f"[shards] proprio widths differ across datasets {widths}: the column is {max(widths.values())} wide, "
+            "each dataset's rows zero-padded; the manifest records each width (options.proprio_dims)")
+    return widths
 
 
 def _check_output_dir(output_dir: str, log=print) -> None:
@@ -981,10 +981,12 @@ def run_shards(
     blocks, statistics_bytes = load_statistics(statistics, inputs)
     _check_normalization(blocks, normalization, statistics, action_dim)
     files, hf_tokenizer, vocab_size, eos_id, max_length, tokenization = load_tokenizer(tokenizer, action_chunk * action_dim)
-    proprio_dim = probe_proprio_dim(inputs, log)
+    proprio_dims = probe_proprio_dims(inputs, log)
+    proprio_dim = max(proprio_dims.values(), default=0)
+    differing = tuple(sorted(proprio_dims.items())) if len(set(proprio_dims.values())) > 1 else ()
     options = ShardOptions(
         **draft, action_dim=action_dim, vocab_size=vocab_size, eos_id=eos_id, model_max_length=max_length,
-        tokenization=tokenization, proprio_dim=proprio_dim,
+        tokenization=tokenization, proprio_dim=proprio_dim, proprio_dims=differing,
     )
     # Workers tokenize prompts with the Rust tokenizer when it matches HF on every probe (no transformers import).
     backend_json = prompt_ids_backend(hf_tokenizer, options.chunk_width, vocab_size)

@@ -396,14 +396,14 @@ def test_stats_cache_keys_short_shards_by_declared_count(damaged, damaged_stats,
 
 
 def test_leading_short_shards_keep_the_proprio_column(rlds, tmp_path):
-    from vlaprep.pipelines.shards_job import probe_proprio_dim
+    from vlaprep.pipelines.shards_job import probe_proprio_dims
     from vlaprep.pipelines.job import DatasetInput
 
     data = _copy(rlds, tmp_path / "d")
     for _split, name in sorted(k for k in _declared(rlds) if k[0] == "train")[:2]:
         (data / name).write_bytes(b"")
-    assert probe_proprio_dim([DatasetInput(NAME, str(rlds), get_spec(NAME))]) == 8  # clean: the width of bridge_orig's proprio
-    assert probe_proprio_dim([DatasetInput(NAME, str(data), get_spec(NAME))]) == 8
+    assert probe_proprio_dims([DatasetInput(NAME, str(rlds), get_spec(NAME))]) == {NAME: 8}  # clean: bridge_orig's proprio width
+    assert probe_proprio_dims([DatasetInput(NAME, str(data), get_spec(NAME))]) == {NAME: 8}
 
 
 # --------------------------------------------------------------------------------------------------

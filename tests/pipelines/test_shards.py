@@ -172,8 +172,9 @@ def expected_rows(episode, trajectory, block, tokenizer, chunk=1, normalization=
         }
         for role in cameras:
             row[f"image_{role}"] = ref_image(episode.images[role], int(trajectory.step_index[step]))
-        if proprio:
-            row["proprio"] = np.asarray(trajectory.proprio[step], np.float32)
+        if proprio:  # proprio: the column's width; a narrower dataset's state is zero-padded to it
+            own = np.asarray(trajectory.proprio[step], np.float32)
+            row["proprio"] = np.concatenate([own, np.zeros(proprio - own.shape[0], np.float32)])
         rows.append(row)
     return rows
 
@@ -223,10 +224,10 @@ def check_output(out, data, *, datasets, chunk=1, normalization="bounds_q99", en
             score = int.from_bytes(hashlib.sha256(f"{seed}\0{item.name}\0{episode_id}".encode()).digest()[:8], "big") / 2**64
             assert split == ("heldout" if score < fraction else "train")
             splits[split] += 1
-            has_proprio = manifest["options"]["proprio_dim"] > 0
-            if has_proprio:
-                assert manifest["options"]["proprio_dim"] == trajectory.proprio.shape[1]
-            want = expected_rows(episode, trajectory, block, data["tokenizer"], chunk, normalization, encoding, cameras, has_proprio)
+            width = manifest["options"]["proprio_dim"]
+            # every dataset's own width: options.proprio_dims when they differ, else the column's
+            assert manifest["options"].get("proprio_dims", {}).get(item.name, width) == trajectory.proprio.shape[1]
+            want = expected_rows(episode, trajectory, block, data["tokenizer"], chunk, normalization, encoding, cameras, width)
             assert len(rows) == len(want)
             for row, ref in zip(rows, want):
                 assert set(row) == set(ref), (set(row) ^ set(ref))
@@ -281,6 +282,9 @@ def main_output(data):
 def test_every_column_of_every_row_matches_the_reference(main_output, data):
     manifest, got = check_output(main_output, data, datasets=("bridge_orig", "calvin"))
     assert manifest["splits"]["train"]["files"] >= 3 and manifest["splits"]["heldout"]["files"] >= 2
+    # Bridge's state (8) and CALVIN's robot_obs (15) differ: one 15-wide column, each width recorded, none dropped
+    assert manifest["options"]["proprio_dims"] == {"bridge_orig": 8, "calvin": 15}
+    assert manifest["options"]["proprio_dim"] == 15
     datasets_per_split = {(s, name) for (name, _), (s, _, _) in got.items()}
     assert datasets_per_split == {(s, n) for s in ("train", "heldout") for n in ("bridge_orig", "calvin")}
     quarantine = [json.loads(line) for line in open(main_output / "quarantine" / "quarantine.jsonl")]
@@ -303,7 +307,7 @@ def test_manifest_lists_exactly_the_complete_files(main_output):
     assert manifest["schema"]["arrow"] == shards.ShardOptions(
         **{k: manifest["options"][k] for k in ("image_size", "cameras", "heldout_fraction", "seed", "action_chunk", "normalization",
                                                "action_encoding", "target_shard_bytes", "action_dim", "vocab_size", "eos_id",
-                                               "model_max_length", "tokenization")}
+                                               "model_max_length", "tokenization", "proprio_dim")}
     ).schema().to_string(show_schema_metadata=False)
     stats = manifest["inputs"]["statistics"]
     assert len(stats["sha256"]) == 64 and [f["name"] for f in manifest["inputs"]["tokenizer"]["files"]] == ["tokenizer.json", "tokenizer_config.json"]
