@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -144,6 +145,10 @@ def run_validate(
     started = time.time()
     if max_samples is not None and max_samples < 1:
         raise ValidationError(f"expected --max-samples >= 1, got {max_samples}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValidationError(f"expected --batch-size >= 1, got {batch_size!r}")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValidationError(f"expected --device auto, cpu, cuda or cuda:N, got {device!r}")
     if not os.path.isdir(model_dir):
         raise ValidationError(f"expected a local model directory for --model, got {model_dir!r}")
     kind, _ = model_kind(model_dir, trust_remote_code)  # refuses remote code early, one line

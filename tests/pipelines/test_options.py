@@ -74,3 +74,15 @@ def test_shard_options_are_checked_by_the_stage_for_every_entry_point(tmp_path):
 def test_an_option_set_refuses_a_name_twice():
     with pytest.raises(ValueError, match="once"):
         OptionSet("x", (Option("a", int, 1, "h"), Option("a", int, 2, "h")))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--device", "gpu", "expected --device auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("--batch-size", "0", "expected --batch-size >= 1, got 0"),
+    ("--max-samples", "0", "expected --max-samples >= 1, got 0"),
+])
+def test_validate_options_are_one_line_user_errors(tmp_path, capsys, flag, value, message):
+    argv = ["validate", "--shards", str(tmp_path), "--model", str(tmp_path), "--output", str(tmp_path / "v"), flag, value]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"vlaprep validate: error: {message}\n"
