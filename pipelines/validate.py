@@ -134,7 +134,7 @@ class ValidationError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardLayout:
+class ValidationLayout:
     """What validation needs from a shard directory; built by ``load_layout``."""
 
     root: str
@@ -227,7 +227,7 @@ def _resolve_statistics(manifest: Manifest, statistics_path: str | None) -> tupl
     return _load_statistics_file(path, manifest.statistics_sha256, f"the statistics copy of {MANIFEST_FILE}"), path
 
 
-def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | None = None) -> ShardLayout:
+def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | None = None) -> ValidationLayout:
     """Reads ``shards_dir/manifest.json`` (+ Parquet footers and the dataset_name column of the split).
 
     Raises ``vlaprep.schemas.layout.ManifestError`` for a missing manifest or one that is not what vlaprep shards writes."""
@@ -274,7 +274,7 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
         for item in names.to_pylist():
             dataset_rows[item["values"]] = dataset_rows.get(item["values"], 0) + int(item["counts"])
     statistics, source = _resolve_statistics(manifest, statistics_path)
-    return ShardLayout(
+    return ValidationLayout(
         root=root,
         split=split,
         files=files,
@@ -402,7 +402,7 @@ def read_shard_rows(task: ReadTask, width: int):
         start = stop
 
 
-def model_read_tasks(layout: ShardLayout, max_samples: int | None) -> list[ReadTask]:
+def model_read_tasks(layout: ValidationLayout, max_samples: int | None) -> list[ReadTask]:
     """ReadTasks for the rows ``sample_indices(layout.rows, max_samples)`` picks (global index -> file)."""
     tasks, offset = [], 0
     indices = sample_indices(layout.rows, max_samples)
@@ -1110,7 +1110,7 @@ class ValidateShards(beam.PTransform):
     through ``RunInference(VlaModelHandler(model))``.
     """
 
-    def __init__(self, layout: ShardLayout, model: ModelSpec, max_samples: int | None = None):
+    def __init__(self, layout: ValidationLayout, model: ModelSpec, max_samples: int | None = None):
         super().__init__()
         self._layout, self._model, self._max_samples = layout, model, max_samples
 
@@ -1199,7 +1199,7 @@ def model_summary(acc: ModelAccumulator) -> dict:
 
 
 def build_report(
-    layout: ShardLayout,
+    layout: ValidationLayout,
     model: ModelSpec,
     round_trip: Mapping[str, RoundTripAccumulator],
     model_metrics: Mapping[str, ModelAccumulator],
