@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 import vlaprep
 from vlaprep.schemas import layout, validate_json
+from vlaprep.schemas.episode import quarantine_jsonl
 
 # Options the hand-written tests do not vary; ``write_manifest``'s ``options`` override them.
 OPTION_DEFAULTS = {
@@ -118,7 +119,7 @@ def write_manifest(
     os.makedirs(os.path.join(root, layout.INPUTS_DIR), exist_ok=True)
     shutil.copyfile(statistics_path, os.path.join(root, layout.STATISTICS_COPY))
     records = sorted((dict(r) for r in quarantine), key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
-    quarantine_bytes = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    quarantine_bytes = quarantine_jsonl(records)  # the one writer of quarantine.jsonl
     os.makedirs(os.path.join(root, layout.QUARANTINE_DIR), exist_ok=True)
     pathlib.Path(root, layout.SHARDS_QUARANTINE_FILE).write_bytes(quarantine_bytes)
 
