@@ -24,34 +24,67 @@ Polars, ``datasets``) sees a plain type; ``reshape(N, D)`` restores it.
 
 from __future__ import annotations
 
+from typing import Final
+
 import pyarrow as pa
 
 LABEL_IGNORE = -100
+
+
+class Column:
+    """The shard columns' names: the one place writers (pipelines/shards) and readers (loader, validate) take them from."""
+
+    DATASET_NAME: Final = "dataset_name"
+    EPISODE_ID: Final = "episode_id"
+    STEP_INDEX: Final = "step_index"
+    NUM_STEPS: Final = "num_steps"
+    INSTRUCTION: Final = "instruction"
+    INPUT_IDS: Final = "input_ids"
+    LABELS: Final = "labels"
+    ACTION_TOKEN_IDS: Final = "action_token_ids"
+    ACTION: Final = "action"
+    NORMALIZED_ACTION: Final = "normalized_action"
+    ACTION_CHUNK: Final = "action_chunk"
+    ACTION_CHUNK_MASK: Final = "action_chunk_mask"
+    NORMALIZED_ACTION_CHUNK: Final = "normalized_action_chunk"
+    IMAGE_PRIMARY: Final = "image_primary"
+    IMAGE_WRIST: Final = "image_wrist"
+    PROPRIO: Final = "proprio"
+
+
+def image_column(role: str) -> str:
+    """``image_<role>`` for a camera role (``primary``, ``wrist``)."""
+    return f"image_{role}"
+
+
+def fixed_widths(schema: pa.Schema) -> dict[str, int]:
+    """Column -> width of every fixed-size list column of a shard schema (the reader's layout, from the file itself)."""
+    return {f.name: f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type)}
 
 
 def shard_schema(action_dim: int, chunk: int = 1, proprio_dim: int = 0, wrist: bool = False) -> pa.Schema:
     if action_dim < 1 or chunk < 1 or proprio_dim < 0:
         raise ValueError(f"expected action_dim >= 1, chunk >= 1, proprio_dim >= 0, got {action_dim}, {chunk}, {proprio_dim}")
     fields = [
-        pa.field("dataset_name", pa.string(), nullable=False),
-        pa.field("episode_id", pa.string(), nullable=False),
-        pa.field("step_index", pa.int32(), nullable=False),
-        pa.field("num_steps", pa.int32(), nullable=False),
-        pa.field("instruction", pa.string(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("labels", pa.list_(pa.int32()), nullable=False),
-        pa.field("action_token_ids", pa.list_(pa.int32(), chunk * action_dim), nullable=False),
-        pa.field("action", pa.list_(pa.float32(), action_dim), nullable=False),
-        pa.field("normalized_action", pa.list_(pa.float32(), action_dim), nullable=False),
-        pa.field("action_chunk", pa.list_(pa.float32(), chunk * action_dim), nullable=False),
-        pa.field("action_chunk_mask", pa.list_(pa.bool_(), chunk), nullable=False),
-        pa.field("normalized_action_chunk", pa.list_(pa.float32(), chunk * action_dim), nullable=False),
-        pa.field("image_primary", pa.binary(), nullable=False),
+        pa.field(Column.DATASET_NAME, pa.string(), nullable=False),
+        pa.field(Column.EPISODE_ID, pa.string(), nullable=False),
+        pa.field(Column.STEP_INDEX, pa.int32(), nullable=False),
+        pa.field(Column.NUM_STEPS, pa.int32(), nullable=False),
+        pa.field(Column.INSTRUCTION, pa.string(), nullable=False),
+        pa.field(Column.INPUT_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(Column.LABELS, pa.list_(pa.int32()), nullable=False),
+        pa.field(Column.ACTION_TOKEN_IDS, pa.list_(pa.int32(), chunk * action_dim), nullable=False),
+        pa.field(Column.ACTION, pa.list_(pa.float32(), action_dim), nullable=False),
+        pa.field(Column.NORMALIZED_ACTION, pa.list_(pa.float32(), action_dim), nullable=False),
+        pa.field(Column.ACTION_CHUNK, pa.list_(pa.float32(), chunk * action_dim), nullable=False),
+        pa.field(Column.ACTION_CHUNK_MASK, pa.list_(pa.bool_(), chunk), nullable=False),
+        pa.field(Column.NORMALIZED_ACTION_CHUNK, pa.list_(pa.float32(), chunk * action_dim), nullable=False),
+        pa.field(Column.IMAGE_PRIMARY, pa.binary(), nullable=False),
     ]
     if wrist:
-        fields.append(pa.field("image_wrist", pa.binary(), nullable=False))
+        fields.append(pa.field(Column.IMAGE_WRIST, pa.binary(), nullable=False))
     if proprio_dim:
-        fields.append(pa.field("proprio", pa.list_(pa.float32(), proprio_dim), nullable=False))
+        fields.append(pa.field(Column.PROPRIO, pa.list_(pa.float32(), proprio_dim), nullable=False))
     return pa.schema(fields)
 
 
