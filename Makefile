@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[validate,test]'
-	# timm + torchvision for OpenVLA's code (tests/validate, benchmarks/validate_benchmark.py), kept out of the main
+	# timm + torchvision for OpenVLA's code (tests/pipelines/validate, benchmarks/validate_benchmark.py), kept out of the main
 	# env: PyPI's torchvision cannot import against the CPU torch, which would break transformers' image models.
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/openvla-deps timm==0.9.16 torchvision==0.28.0
 	touch $(STAMP)

@@ -13,7 +13,7 @@ workers, read from /proc every 20 ms) gives the peak. Each version runs from its
 
 When both run, their shard files are compared by sha256 (the output must not change).
 
-  python benchmarks/long_episode_memory.py [--steps 2000,20000] [--before-rev HEAD [--after-files pipelines/shards.py]] [--data DIR]
+  python benchmarks/long_episode_memory.py [--steps 2000,20000] [--before-rev HEAD [--after-files pipelines/shards/rows.py,...]] [--data DIR]
 
 Generating the 20,000-step dataset takes ~40 s and ~5 GB (the generator renders every frame first).
 """
@@ -147,9 +147,12 @@ def main() -> None:
                 parser.error("--after-files needs --before-rev")
             after = variants["after"] = source_tree(args.before_rev, os.path.join(scratch, "after"))
             for relpath in args.after_files.split(","):
-                folder, name = os.path.split(relpath)
+                # pipelines/shards/rows.py -> vlaprep/pipelines/shards/rows.py (the longest mapped folder wins)
+                folder = max((f for f in PACKAGE_DIRS.values() if relpath.startswith(f + "/")), key=len)
                 package = next(p for p, f in PACKAGE_DIRS.items() if f == folder)
-                shutil.copyfile(os.path.join(REPO, relpath), os.path.join(after, package, name))
+                target = os.path.join(after, package, os.path.relpath(relpath, folder))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(os.path.join(REPO, relpath), target)
         rows = []
         for steps in (int(s) for s in args.steps.split(",")):
             version_dir, statistics = ensure_data(args.data, steps, args.image_size)

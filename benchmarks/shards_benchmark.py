@@ -43,10 +43,10 @@ IMAGE_FLOOR = textwrap.dedent(
     import os, sys, glob
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import tensorflow as tf
-    from vlaprep.pipelines.sources import RLDSParser, iter_tfrecord_file
+    from vlaprep.pipelines.sources import iter_tfrecord_file, rlds_parser
     version_dir, part, parts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     files = sorted(glob.glob(os.path.join(version_dir, "*.tfrecord-*")))[part::parts]
-    parser = RLDSParser(version_dir, ["observation/image_0"])
+    parser = rlds_parser(version_dir, ["observation/image_0"])
     n = 0
     for f in files:
         for record in iter_tfrecord_file(f):
@@ -125,9 +125,9 @@ def _floor_cmd(scratch: str, version_dir: str) -> list[str]:
 def _count_frames(version_dir: str, split: str | None = None) -> int:
     import glob
 
-    from vlaprep.pipelines.sources import RLDSParser, iter_tfrecord_file
+    from vlaprep.pipelines.sources import iter_tfrecord_file, rlds_parser
 
-    parser = RLDSParser(version_dir, ["action"])
+    parser = rlds_parser(version_dir, ["action"])
     pattern = f"*-{split}.tfrecord-*" if split else "*.tfrecord-*"
     return sum(len(parser.parse(r)["action"]) for f in glob.glob(os.path.join(version_dir, pattern)) for r in iter_tfrecord_file(f))
 

@@ -36,7 +36,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests", "validate"))  # the tests' shard writer (conftest.write_shards)
+sys.path.insert(0, os.path.join(REPO, "tests", "pipelines", "validate"))  # the tests' shard writer (conftest.write_shards)
 
 
 def main() -> None:
@@ -63,8 +63,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import conftest as shards_helpers  # tests/validate/conftest.py (plain functions)
-    from vlaprep.pipelines.validate_job import run_validate
+    import conftest as shards_helpers  # tests/pipelines/validate/conftest.py (plain functions)
+    from vlaprep.pipelines.validate.job import run_validate
     from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 
     load_before = os.getloadavg()

@@ -71,8 +71,8 @@ def _log(message: str) -> None:
 
 
 def prompt_tail(tokenizer, instruction: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Same as ``vlaprep.pipelines.validate.prompt_tail`` (imported from there when Beam is installed)."""
-    from vlaprep.pipelines.validate import prompt_tail as validate_prompt_tail
+    """Same as ``vlaprep.pipelines.validate.model.prompt_tail`` (imported from there when Beam is installed)."""
+    from vlaprep.pipelines.validate.model import prompt_tail as validate_prompt_tail
 
     return validate_prompt_tail(tokenizer, instruction)
 
@@ -159,7 +159,8 @@ def check_against_validate(model_dir: str, processor, items: list[dict], collate
     """Compares ``llava_training_example`` with ``vlaprep validate``'s own encoder on ``items``; returns how
     many matched (ids of the prompt and pixel values bit for bit). Skipped (returns -1) without Beam."""
     try:
-        from vlaprep.pipelines.validate import LoadedModel, ModelSpec, ShardRow, VlaModelHandler
+        from vlaprep.pipelines.validate.model import LoadedModel, ModelSpec, VlaModelHandler
+        from vlaprep.pipelines.validate.read import ShardRow
     except ImportError:
         _log("[train] apache_beam not importable: skipping the check against vlaprep validate's encoder")
         return -1

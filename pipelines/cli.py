@@ -93,7 +93,7 @@ def _cmd_generate(args, beam_args):
 
 def _cmd_stats(args, beam_args):
     from vlaprep.pipelines.job import stderr_log
-    from vlaprep.pipelines.stats_job import run_stats, summary_table
+    from vlaprep.pipelines.stats.job import run_stats, summary_table
 
     inputs = _inputs(args)
     result = run_stats(inputs, args.output, with_proprio=STATS_OPTIONS.values(args)["proprio"], force=args.force, beam_args=beam_args, log=stderr_log,
@@ -123,8 +123,8 @@ def _submitted(job, output: str, name: str) -> str:
 
 
 def _cmd_shards(args, beam_args):
-    from vlaprep.pipelines.shards import ShardsArgumentError
-    from vlaprep.pipelines.shards_job import REUSE_OUTPUT, run_shards, summary
+    from vlaprep.pipelines.shards.job import REUSE_OUTPUT, run_shards, summary
+    from vlaprep.pipelines.shards.options import ShardsArgumentError
     from vlaprep.pipelines.job import stderr_log
 
     inputs = _inputs(args)
@@ -158,7 +158,7 @@ def _cmd_shards(args, beam_args):
 
 def _cmd_validate(args, beam_args):
     from vlaprep.pipelines.job import stderr_log
-    from vlaprep.pipelines.validate_job import run_validate, summary_text
+    from vlaprep.pipelines.validate.job import run_validate, summary_text
 
     result = run_validate(args.shards, args.model, args.output, trust_remote_code=args.trust_remote_code,
                           statistics=args.statistics, beam_args=beam_args, log=stderr_log, **VALIDATE_OPTIONS.values(args))

@@ -1,5 +1,6 @@
 """What every stage's job shares: its dataset inputs (named, or a named mixture), Beam options with
-network-free local defaults, and the log the CLI prints progress to.
+network-free local defaults, the log the CLI prints progress to, the output directory's up-front write
+check and atomic JSON writes.
 
 Dataset inputs are resolved here, once per command, for ``vlaprep stats``, ``vlaprep shards`` and
 ``vlaprep run`` alike: ``NAME=PATH`` pairs, and OpenVLA's named mixtures (``--mixture NAME --data-dir
@@ -10,14 +11,17 @@ ROOT``: each dataset at ``ROOT/NAME/<version>``, the newest version holding ``da
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import uuid
 from typing import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vlaprep import paths
-from vlaprep.errors import UsageError
+from vlaprep.errors import OutputError, UsageError, describe_environment_error
+from vlaprep.paths import write_bytes_atomic
 from vlaprep.transforms.registry import DatasetSpec, get_spec, merged_registry
 
 # Local runs must never reach for the network: the plain DirectRunner first tries to download Prism.
@@ -169,3 +173,51 @@ def resolve_inputs(
     if not inputs:
         raise UsageError("expected at least one --dataset NAME=PATH or --mixture NAME --data-dir ROOT")
     return inputs
+
+
+PROBE_PREFIX = ".write-probe-"  # check_output_dir's probe file, removed at once
+
+
+def write_json_atomic(path: str, document, indent: int | None = 2) -> None:
+    write_bytes_atomic(path, json.dumps(document, indent=indent).encode())
+
+
+def check_output_dir(output_dir: str, what: str) -> None:
+    """Create ``output_dir`` (the ``what`` of a command, for messages) and write and remove a probe file
+    there, before any Beam work.
+
+    Raises ``OutputError`` naming the path when it is a file, a parent is a file, it is not writable
+    (read-only, permissions) or the disk is full, instead of failing in the pipeline's last step.
+    Object stores (no directories): one probe object written and deleted.
+    """
+    probe_name = f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if paths.is_remote(output_dir):
+        try:
+            probe = paths.join(output_dir, probe_name)
+            write_bytes_atomic(probe, b"vlaprep write probe\n")
+            paths.remove_tree(probe)
+        except OSError as e:  # Beam's filesystems raise BeamIOError (an IOError) for refused writes
+            raise OutputError(f"expected a writable {what} {output_dir!r}, got {type(e).__name__}: {e}") from e
+        return
+    local = output_dir[len("file://"):] if output_dir.startswith("file://") else output_dir
+    if os.path.lexists(local) and not os.path.isdir(local):
+        raise OutputError(
+            f"expected the {what} {output_dir!r} to be a directory, got a file (or a broken link); "
+            "hint: choose another --output"
+        )
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the {what} {output_dir!r}: {describe_environment_error(e)}") from e
+    probe = os.path.join(local, probe_name)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"vlaprep write probe\n")
+        finally:
+            os.close(fd)
+            if os.path.lexists(probe):
+                os.unlink(probe)
+    except OSError as e:
+        where = OSError(e.errno, e.strerror or os.strerror(e.errno or 0), output_dir)
+        raise OutputError(f"expected a writable {what} directory, got {describe_environment_error(where)}") from e

@@ -8,7 +8,7 @@ Every option of ``vlaprep stats``, ``vlaprep shards`` and ``vlaprep validate`` i
   * the Dataflow Flex Template parameters (``infra/dataflow/launcher.py``; ``metadata.json`` is
     checked against them by a test).
 A new option is one line here plus its use in the stage. What a value must be is checked by the
-stage itself (``ShardOptions`` for the shards, ``validate_job`` for validation): the option's
+stage itself (``ShardOptions`` for the shards, ``validate.job`` for validation): the option's
 ``kind`` only says how a flag or a YAML value is typed.
 
 Nothing here imports Beam.

@@ -12,7 +12,7 @@ Outputs in the config's ``output`` directory (immutable versions + an atomic poi
 Training jobs read ``LATEST`` and then ``versions/<version>/shards`` (``vlaprep.loader`` does this).
 
 A stage is reused when the fingerprint of its inputs is unchanged (statistics also per dataset, see
-``stats_job``): shards depend on the datasets' content, the statistics file, the tokenizer files and
+``stats.job``): shards depend on the datasets' content, the statistics file, the tokenizer files and
 the shard options; validation on the shards manifest, the model files and the validation options.
 
 Nothing lost, nothing deleted that is not ours:
@@ -78,13 +78,14 @@ import yaml
 from vlaprep import paths
 from vlaprep.errors import OutputError, UsageError, UserError
 from vlaprep.paths import confined
-from vlaprep.pipelines import fingerprint, shards_job
+from vlaprep.pipelines import fingerprint
 from vlaprep.pipelines.options import SHARD_OPTIONS, STATS_OPTIONS, VALIDATE_OPTIONS, Option
-from vlaprep.pipelines.shards import ShardsArgumentError
-from vlaprep.pipelines.job import DatasetInput, dataset_input, load_registry, mixture_inputs, pid_alive
-from vlaprep.pipelines.stats_job import CACHE_FILE, dataset_fingerprint, run_stats, summary_table, write_json_atomic
+from vlaprep.pipelines.shards.options import ShardsArgumentError, check_options
+from vlaprep.pipelines.job import DatasetInput, dataset_input, load_registry, mixture_inputs, pid_alive, write_json_atomic
+from vlaprep.pipelines.stats.cache import dataset_fingerprint
+from vlaprep.pipelines.stats.job import run_stats, summary_table
 from vlaprep.schemas import layout
-from vlaprep.schemas.layout import CURRENT_LINK, LATEST_FILE, MANIFEST_FILE, SHARDS_STAGE_DIR, VERSIONS_DIR
+from vlaprep.schemas.layout import CURRENT_LINK, LATEST_FILE, MANIFEST_FILE, SHARDS_STAGE_DIR, STATISTICS_CACHE_FILE, VERSIONS_DIR
 
 SUMMARY_FILE = "run_summary.json"
 VERSION_MARKER = ".vlaprep-version.json"  # in every version directory vlaprep creates
@@ -246,8 +247,8 @@ def mapping_of(keys: Sequence[Key], only_given: bool = False) -> Check:
 
 
 def check_shard_options(options: Mapping[str, Any]) -> None:
-    """The shard stage's own check of its options (``shards_job.check_options``). Raises ShardsArgumentError."""
-    shards_job.check_options(**options)
+    """The shard stage's own check of its options (``shards.options.check_options``). Raises ShardsArgumentError."""
+    check_options(**options)
 
 
 def shard_option(base: Check) -> Check:
@@ -793,7 +794,7 @@ def run_pipeline_config(config: RunConfig, beam_args: Sequence[str] = (), force:
 
 
 def _run_locked(config: RunConfig, inputs, args, force: bool, log, started: float) -> dict:
-    from vlaprep.pipelines.shards_job import run_shards, summary  # at call time: tests interpose on it
+    from vlaprep.pipelines.shards.job import run_shards, summary  # at call time: tests interpose on it
 
     versions_root = paths.join(config.output, VERSIONS_DIR)
     local = not paths.is_remote(config.output)
@@ -852,9 +853,9 @@ def _run_locked(config: RunConfig, inputs, args, force: bool, log, started: floa
         }
         log(f"[run] building {version} in {staging}")
         log(f"[run] 1/3 statistics for {', '.join(i.name for i in inputs)}")
-        if previous and not force and paths.isfile(paths.join(previous, "stats", CACHE_FILE)) and not paths.isfile(paths.join(stats_dir, CACHE_FILE)):
+        if previous and not force and paths.isfile(paths.join(previous, "stats", STATISTICS_CACHE_FILE)) and not paths.isfile(paths.join(stats_dir, STATISTICS_CACHE_FILE)):
             paths.makedirs(stats_dir)  # per-dataset reuse: unchanged datasets are not re-read
-            paths.copy_file(paths.join(previous, "stats", CACHE_FILE), paths.join(stats_dir, CACHE_FILE))
+            paths.copy_file(paths.join(previous, "stats", STATISTICS_CACHE_FILE), paths.join(stats_dir, STATISTICS_CACHE_FILE))
         proprio = option(config.stats, STATS_KEYS, "proprio")
         stats = run_stats(inputs, stats_dir, with_proprio=proprio, force=force, beam_args=args, log=log)
         log(summary_table(stats))
@@ -885,10 +886,10 @@ def _run_locked(config: RunConfig, inputs, args, force: bool, log, started: floa
         summary_doc["splits"] = manifest.splits
 
         if config.model:
-            from vlaprep.pipelines.validate_job import run_validate, summary_text
+            from vlaprep.pipelines.validate.job import REPORT_FILE, run_validate, summary_text
 
-            report_path = paths.join(val_dir, "validation_report.json")
-            if not carry_over("validate", "validation", "validation_report.json"):
+            report_path = paths.join(val_dir, REPORT_FILE)
+            if not carry_over("validate", "validation", REPORT_FILE):
                 log("[run] 3/3 validation (model inference over held-out episodes)")
                 v = {k.name: option(config.validate, VALIDATE_KEYS, k.name) for k in VALIDATE_KEYS}
                 run_validate(shards_dir, config.model, val_dir, trust_remote_code=config.trust_remote_code,

@@ -1,6 +1,6 @@
 """The common episode record every source emits, and the quarantine record for what it rejects.
 
-Sources (``pipelines/sources.py``) turn one robot episode of any on-disk format into one ``Episode``;
+Sources (``pipelines/sources/``) turn one robot episode of any on-disk format into one ``Episode``;
 transforms (``transforms/``) turn its raw per-step arrays into a standardized ``Trajectory``.
 
 Episode

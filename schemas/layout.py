@@ -219,3 +219,8 @@ def version_dir(output: str, version: str) -> str:
 def latest_shards_root(output: str, version: str) -> str:
     """The shards directory of a published run version."""
     return confined(output, f"{VERSIONS_DIR}/{version}/{SHARDS_STAGE_DIR}", LATEST_FILE)
+
+
+# --- statistics output (written by ``vlaprep stats``) ------------------------------------------------
+# Besides STATISTICS_FILE and QUARANTINE_FILE_NAME (the same names as in a shards output):
+STATISTICS_CACHE_FILE = "dataset_statistics.cache.json"  # per dataset: its inputs' fingerprint and entry

@@ -47,6 +47,17 @@ class EmptyTrajectoryError(TransformError):
         return (type(self), (self.args[0], self.trajectory))
 
 
+class SourceFormat(enum.StrEnum):
+    """How a dataset is stored on disk; picks its reader (``vlaprep.pipelines.sources.SOURCES``).
+
+    A ``StrEnum``: each member is equal to, hashes, formats and JSON-encodes as its value, so specs,
+    manifests and fingerprints read exactly as they did with the plain strings.
+    """
+
+    RLDS = "rlds"  # TFDS TFRecord shards of RLDS episodes (OXE, Bridge, LIBERO, DROID)
+    CALVIN = "calvin"  # CALVIN split directories: one .npz per frame, language windows in auto_lang_ann.npy
+
+
 class ActionEncoding(enum.Enum):
     """What the action vector means (OpenVLA's ``ActionEncoding``); the normalization mask follows."""
 

@@ -30,14 +30,16 @@ import yaml
 
 from vlaprep.transforms import calvin, droid, libero, oxe, oxe_converted
 from vlaprep.transforms import steps as steps_lib
-from vlaprep.transforms.base import ActionEncoding, Trajectory, TransformError
+from vlaprep.transforms.base import ActionEncoding, SourceFormat, Trajectory, TransformError
 from vlaprep.transforms.gripper import (
     binarize_gripper_actions,
     invert_gripper_actions,
     rel2abs_gripper_actions,
 )
 
-SOURCE_FORMATS = ("rlds", "calvin")
+SOURCE_FORMATS = tuple(f.value for f in SourceFormat)  # ("rlds", "calvin"): what YAML's `format:` accepts
+# Camera roles a spec may fill, in OpenVLA's ``image_obs_keys`` order (primary, secondary, wrist).
+CAMERA_ROLES = ("primary", "secondary", "wrist")
 # OpenVLA's groups of OXE_DATASET_CONFIGS (its section comments), plus vlaprep's own.
 GROUPS = ("oxe", "tdroid", "droid_finetuning", "libero", "calvin", "custom")
 # Action encodings OpenVLA trains on (``make_oxe_dataset_kwargs`` refuses the others).
@@ -80,7 +82,7 @@ class DatasetSpec:
 
     name:               registry key, also the statistics key (``^[A-Za-z0-9_][A-Za-z0-9_.-]*$``, no "..")
     transform:          ``fn(steps) -> Trajectory``
-    source_format:      "rlds" or "calvin"
+    source_format:      a SourceFormat; "rlds" and "calvin" are accepted and coerced
     primary_image:      step key of the primary camera (``observation/image_0``; CALVIN ``rgb_static``)
     wrist_image:        step key of the wrist camera, or None
     language_key:       per-step key holding the instruction, or None (CALVIN: from annotations)
@@ -98,7 +100,7 @@ class DatasetSpec:
 
     name: str
     transform: Callable[[Mapping[str, np.ndarray]], Trajectory]
-    source_format: str
+    source_format: SourceFormat
     primary_image: str | None
     wrist_image: str | None
     language_key: str | None
@@ -120,8 +122,12 @@ class DatasetSpec:
         where = f"for dataset {self.name!r}"
         if not callable(self.transform):
             raise ValueError(f"expected a callable transform, got {self.transform!r} {where}")
-        if self.source_format not in SOURCE_FORMATS:
-            raise ValueError(f"expected source_format one of {list(SOURCE_FORMATS)!r}, got {self.source_format!r} {where}")
+        try:
+            object.__setattr__(self, "source_format", SourceFormat(self.source_format))
+        except ValueError as e:
+            raise ValueError(
+                f"expected source_format one of {list(SOURCE_FORMATS)!r}, got {self.source_format!r} {where}"
+            ) from e
         for field in ("primary_image", "wrist_image", "language_key", "secondary_image"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
@@ -163,12 +169,17 @@ class DatasetSpec:
         for training (``make_oxe_dataset_kwargs``); vlaprep still computes their statistics and shards."""
         return self.action_encoding in OPENVLA_TRAINABLE_ENCODINGS
 
-    def camera_key(self, role: str) -> str | None:
-        """The step key of camera ``role`` ("primary", "secondary", "wrist"), or None if the dataset has none."""
+    @property
+    def cameras(self) -> dict[str, str]:
+        """``{role: step key}`` for each camera the dataset has, in ``CAMERA_ROLES`` order."""
         keys = {"primary": self.primary_image, "secondary": self.secondary_image, "wrist": self.wrist_image}
-        if role not in keys:
-            raise ValueError(f"expected a camera role among {sorted(keys)!r}, got {role!r}")
-        return keys[role]
+        return {role: key for role, key in keys.items() if key is not None}
+
+    def camera_key(self, role: str) -> str | None:
+        """The step key of camera ``role`` (one of ``CAMERA_ROLES``), or None if the dataset has none."""
+        if role not in CAMERA_ROLES:
+            raise ValueError(f"expected a camera role among {sorted(CAMERA_ROLES)!r}, got {role!r}")
+        return self.cameras.get(role)
 
     def fingerprint(self) -> str:
         """sha256 hex over the spec's fields and the source of every ``transforms/*.py`` file.
@@ -179,7 +190,7 @@ class DatasetSpec:
         fields = {
             "name": self.name,
             "transform": _transform_identity(self.transform),
-            "source_format": self.source_format,
+            "source_format": self.source_format.value,
             "primary_image": self.primary_image,
             "wrist_image": self.wrist_image,
             "language_key": self.language_key,
@@ -567,7 +578,7 @@ def _spec_from_yaml(name: Any, entry: Any, path: str) -> tuple[DatasetSpec, bool
     if unknown:
         raise _yaml_error(f"fields from {list(_YAML_FIELDS)!r}", unknown, name, path, "check the spelling")
     required = ["format", "action_keys", "action_dim", "gripper", "primary_image"]
-    if entry.get("format") != "calvin":
+    if entry.get("format") != SourceFormat.CALVIN:
         required.append("language_key")  # CALVIN language comes from annotations
     for field in required:
         if field not in entry:

@@ -14,7 +14,7 @@ import pytest
 from vlaprep.pipelines import cli
 from vlaprep.pipelines.sources import list_calvin_windows, rlds_shard_files
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.calvin import generate_calvin
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.transforms.registry import get_spec, load_registry_yaml

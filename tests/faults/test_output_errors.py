@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from vlaprep import paths
-from vlaprep.pipelines import cli, stats_job
-from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines import cli
+from vlaprep.pipelines.job import PROBE_PREFIX, DatasetInput
+from vlaprep.pipelines.stats.job import run_stats
+from vlaprep.schemas.layout import STATISTICS_CACHE_FILE
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 from vlaprep.transforms.registry import get_spec
@@ -134,7 +135,7 @@ def test_stats_unwritable_output_is_one_line_naming_it(ws, tmp_path, capsys, mon
     real_open = os.open
 
     def refusing_open(path, flags, *args, **kwargs):  # the probe only; every other open is the real one
-        if stats_job.PROBE_PREFIX in os.fspath(path):
+        if PROBE_PREFIX in os.fspath(path):
             raise OSError(code, os.strerror(code), os.fspath(path))
         return real_open(path, flags, *args, **kwargs)
 
@@ -175,7 +176,7 @@ def test_stats_disk_full_while_writing_is_one_line_and_keeps_the_previous_output
         assert f"{str(out / name)!r}" in line, line
     after = _files(out)
     assert after["dataset_statistics.json"] == before["dataset_statistics.json"]
-    assert after[stats_job.CACHE_FILE] == before[stats_job.CACHE_FILE]
+    assert after[STATISTICS_CACHE_FILE] == before[STATISTICS_CACHE_FILE]
     assert not [p for p in after if os.path.basename(p).startswith(".tmp-")]
 
 
@@ -202,14 +203,14 @@ def test_unreadable_cache_document_is_recomputed(ws, tmp_path):
     out = tmp_path / "stats"
     shutil.copytree(ws[0] / "stats", out)
     expected = (out / "dataset_statistics.json").read_bytes()
-    (out / stats_job.CACHE_FILE).write_text("{truncated")
+    (out / STATISTICS_CACHE_FILE).write_text("{truncated")
     logs = []
     result = run_stats([DatasetInput("bridge_orig", str(ws[1]), get_spec("bridge_orig"))], str(out), beam_args=FAST,
                        log=logs.append)
     assert result.computed == ["bridge_orig"] and result.reused == []
     assert any("is unreadable" in m and "recomputing" in m for m in logs), logs
     assert (out / "dataset_statistics.json").read_bytes() == expected
-    assert json.loads((out / stats_job.CACHE_FILE).read_text())["bridge_orig"]["fingerprint"]
+    assert json.loads((out / STATISTICS_CACHE_FILE).read_text())["bridge_orig"]["fingerprint"]
 
 
 def test_unreadable_cached_projection_is_one_line_and_force_recomputes(ws, tmp_path, capsys):
@@ -219,7 +220,7 @@ def test_unreadable_cached_projection_is_one_line_and_force_recomputes(ws, tmp_p
     capsys.readouterr()
     projections = sorted((out / "stats_cache" / "bridge_orig").iterdir())
     projections[0].write_bytes(b"PK\x03\x04 truncated")
-    (out / stats_job.CACHE_FILE).unlink()  # the dataset is recomputed from its unit projections
+    (out / STATISTICS_CACHE_FILE).unlink()  # the dataset is recomputed from its unit projections
     line = _error_line(capsys, "stats", cli.main(_stats(ws, out)))
     assert projections[0].name in line and "--force" in line, line
     assert cli.main(_stats(ws, out, "--force")) == 0

@@ -34,7 +34,7 @@ def test_loader_refuses_a_crafted_latest_pointer(tmp_path):
 
 
 def test_shards_verify_refuses_a_crafted_manifest(tmp_path):
-    from vlaprep.pipelines.shards_job import verify_output
+    from vlaprep.pipelines.shards.publish import verify_output
 
     manifest = {"files": [{"path": "/etc/hostname", "bytes": 1, "sha256": "0" * 64}], "quarantine": {"path": "q", "bytes": 0, "sha256": "0" * 64}}
     with pytest.raises(ValueError, match="expected a relative path inside"):

@@ -13,7 +13,7 @@ import yaml
 
 from vlaprep import paths
 from vlaprep.pipelines import cli, run_job
-from vlaprep.pipelines.shards import ShardsArgumentError
+from vlaprep.pipelines.shards.options import ShardsArgumentError
 from vlaprep.pipelines.run_job import RunConfig, RunConfigError, load_run_config
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
@@ -194,8 +194,8 @@ def test_valid_config_is_typed_and_keeps_only_the_written_options(inputs):
 def test_tables_match_the_stages_parameters():
     """A key added to a table reaches its stage: the shard keys are exactly the options run_shards checks
     (it refuses any other) and the validate keys are run_validate parameters."""
-    from vlaprep.pipelines.shards_job import check_options
-    from vlaprep.pipelines.validate_job import run_validate
+    from vlaprep.pipelines.shards.options import check_options
+    from vlaprep.pipelines.validate.job import run_validate
 
     from vlaprep.pipelines.options import SHARD_OPTIONS
 

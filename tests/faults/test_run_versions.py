@@ -15,7 +15,8 @@ import sys
 import pytest
 import yaml
 
-from vlaprep.pipelines import cli, run_job, shards_job
+from vlaprep.pipelines import cli, run_job
+from vlaprep.pipelines.shards import job as shards_job
 from vlaprep.pipelines.run_job import load_run_config, run_pipeline_config
 from vlaprep.synthetic.model import build_tiny_llava
 from vlaprep.synthetic.rlds import generate_rlds

@@ -21,9 +21,11 @@ import textwrap
 import pytest
 
 from vlaprep import paths
-from vlaprep.pipelines import cli, shards_job
+from vlaprep.pipelines import cli
+from vlaprep.pipelines.shards import job as shards_job
+from vlaprep.pipelines.shards import publish as shards_publish
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 from vlaprep.transforms.registry import get_spec
@@ -149,7 +151,7 @@ def test_own_output_is_rebuilt_and_unproven_leftovers_are_left_alone(data, tmp_p
     dead.wait()
     (out / ".staging-killed" / "train").mkdir(parents=True)
     (out / ".staging-killed" / "train" / "shard-00000-of-00001.parquet").write_bytes(b"partial")
-    (out / ".staging-killed" / ".owner.json").write_text(json.dumps(shards_job._owner_record() | {"pid": dead.pid}))
+    (out / ".staging-killed" / ".owner.json").write_text(json.dumps(shards_publish.owner_record() | {"pid": dead.pid}))
     (out / ".old-mine").mkdir()
     (out / ".old-mine" / "keep.txt").write_text("not vlaprep's")
     (out / ".staging-theirs").mkdir()
@@ -180,7 +182,7 @@ def test_reclaim_removes_only_staging_with_vlaprep_record_of_a_dead_waiting_run(
         (tmp_path / f".staging-{name}" / ".owner.json").write_text("{oops" if record is None else json.dumps(record))
     (tmp_path / ".staging-empty").mkdir()  # killed between mkdir and its record: rmdir only
     messages = []
-    assert shards_job.reclaim_stale_staging(str(tmp_path), messages.append) == [".staging-dead", ".staging-empty", ".staging-legacy"]
+    assert shards_publish.reclaim_stale_staging(str(tmp_path), messages.append) == [".staging-dead", ".staging-empty", ".staging-legacy"]
     assert sorted(os.listdir(tmp_path)) == [".staging-no-wait", ".staging-not-json", ".staging-other-tool"]
     assert all((tmp_path / n / "train" / "f").read_bytes() == b"x" for n in os.listdir(tmp_path))
     assert sum("left alone" in m for m in messages) == 3
@@ -192,14 +194,14 @@ def test_reclaim_removes_only_staging_with_vlaprep_record_of_a_dead_waiting_run(
 
 
 def _fail_manifest_write(monkeypatch, out):
-    real = shards_job.write_bytes_atomic
+    real = shards_publish.write_bytes_atomic
 
     def write(path, payload):
         if path.endswith("manifest.json"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real(path, payload)
 
-    monkeypatch.setattr(shards_job, "write_bytes_atomic", write)
+    monkeypatch.setattr(shards_publish, "write_bytes_atomic", write)
 
 
 def _fail_heldout_move(monkeypatch, out):
@@ -222,7 +224,7 @@ def test_disk_full_while_publishing_restores_the_previous_output(data, tmp_path,
     line = one_error_line(capsys)
     assert "No space left on device" in line and "hint: free space or choose another --output" in line, line
     assert snapshot(out) == before  # same files, same bytes, old manifest back; no staging, no .old-*
-    shards_job.verify_output(str(out))
+    shards_publish.verify_output(str(out))
 
 
 def _staged(data, out, name=".staging-test"):
@@ -231,7 +233,7 @@ def _staged(data, out, name=".staging-test"):
     staging.mkdir()
     for entry in ENTRIES:
         shutil.copytree(data["B"] / entry, staging / entry)
-    (staging / ".owner.json").write_text(json.dumps(shards_job._owner_record()))
+    (staging / ".owner.json").write_text(json.dumps(shards_publish.owner_record()))
     return str(staging), (data["B"] / "manifest.json").read_bytes()
 
 
@@ -251,14 +253,14 @@ def _count_calls(monkeypatch, module, name, fail_at):
 
 @pytest.mark.parametrize("target", ["rename", "write_bytes_atomic"])
 def test_publish_undoes_a_failure_at_every_step(data, tmp_path, monkeypatch, target):
-    module = os if target == "rename" else shards_job
+    module = os if target == "rename" else shards_publish
     out = copy_of(data["A"], tmp_path / "out")
     staging, manifest = _staged(data, out)
     old_output, staged = snapshot(out, skip=(".staging-test",)), snapshot(staging)
     calls = _count_calls(monkeypatch, module, target, fail_at=-1)  # a clean run, to count the steps
     reference = tmp_path / "reference"
     copy_of(out, reference)
-    shards_job.publish(str(reference / ".staging-test"), str(reference), manifest)
+    shards_publish.publish(str(reference / ".staging-test"), str(reference), manifest)
     steps = len(calls)
     moves = 1 + 2 * len(ENTRIES) + 1  # park the old manifest and entries, bring the new ones, the manifest last
     assert steps == (moves if target == "rename" else 1 + 1 + moves)  # the staged manifest, the journal + one per move
@@ -267,18 +269,18 @@ def test_publish_undoes_a_failure_at_every_step(data, tmp_path, monkeypatch, tar
         monkeypatch.undo()
         _count_calls(monkeypatch, module, target, fail_at)
         with pytest.raises(OSError) as caught:
-            shards_job.publish(staging, str(out), manifest)
+            shards_publish.publish(staging, str(out), manifest)
         assert caught.value.errno == errno.ENOSPC
         assert snapshot(out, skip=(".staging-test",)) == old_output, f"step {fail_at}"
         assert {k: v for k, v in snapshot(staging).items() if k != "manifest.json"} == staged, f"step {fail_at}"
     monkeypatch.undo()
-    shards_job.publish(staging, str(out), manifest)
+    shards_publish.publish(staging, str(out), manifest)
     assert snapshot(out) == snapshot(data["B"])
 
 
 _KILL = textwrap.dedent("""
     import os, sys
-    from vlaprep.pipelines import shards_job
+    from vlaprep.pipelines.shards import publish as shards_publish
     out, staging, manifest, call, kind = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     real, seen = getattr(os, kind), []
     def die(*args, **kw):
@@ -287,7 +289,7 @@ _KILL = textwrap.dedent("""
             os._exit(9)  # as SIGKILL: no except, no finally
         return real(*args, **kw)
     setattr(os, kind, die)
-    shards_job.publish(staging, out, open(manifest, "rb").read())
+    shards_publish.publish(staging, out, open(manifest, "rb").read())
     sys.exit(3)  # not reached
 """)
 
@@ -312,7 +314,7 @@ def test_a_killed_publish_is_undone_or_finished_by_the_next_run(data, tmp_path, 
     if by == "launcher":
         shards_job._check_output_dir(str(out), messages.append)  # what the next run does first
     else:
-        assert shards_job.recover_publish(str(out), messages.append, staging=staging) == (expect == "B")
+        assert shards_publish.recover_publish(str(out), messages.append, staging=staging) == (expect == "B")
     if expect == "A":
         assert snapshot(out, skip=(".staging-test",)) == snapshot(data["A"])
         assert {k: v for k, v in snapshot(staging).items() if k != "manifest.json"} == staged  # new entries back in staging
@@ -325,7 +327,7 @@ def test_a_killed_publish_is_undone_or_finished_by_the_next_run(data, tmp_path, 
 def test_an_unfinished_publish_of_a_live_process_is_not_touched(data, tmp_path, capsys):
     out = copy_of(data["A"], tmp_path / "out")
     (out / ".old-live").mkdir()
-    journal = shards_job._owner_record() | {"staging": ".staging-x", "steps": [["manifest.json", ".old-live/manifest.json"]],
+    journal = shards_publish.owner_record() | {"staging": ".staging-x", "steps": [["manifest.json", ".old-live/manifest.json"]],
                                             "started": 0, "time": 0}
     (out / ".old-live" / ".owner.json").write_text(json.dumps(journal))  # this very process: alive
     os.rename(out / "manifest.json", out / ".old-live" / "manifest.json")
@@ -352,7 +354,7 @@ def test_all_quarantined_run_does_not_replace_a_good_output(data, tmp_path, caps
     assert snapshot(out) == before
 
     assert cli.main(shards_argv(data, out, "unlabeled", "--allow-empty")) == 0  # opted in: an empty output, accounted
-    manifest = shards_job.verify_output(str(out))
+    manifest = shards_publish.verify_output(str(out))
     assert manifest["files"] == [] and manifest["accounting"]["bridge_orig"] == {
         "read": 3, "train": 0, "heldout": 0, "quarantined": 3, "quarantined_by_stage": {"shard": 3}}
     assert sorted(os.listdir(out)) == sorted([*ENTRIES, "manifest.json"])
@@ -372,7 +374,7 @@ def test_no_wait_job_refuses_in_its_last_step(data, tmp_path):
     out = copy_of(data["A"], tmp_path / "out")
     before = snapshot(out)
     inputs = [DatasetInput("bridge_orig", data["unlabeled"], get_spec("bridge_orig"))]
-    with pytest.raises(shards_job.PublishRefused, match=r"^expected at least one episode to publish into .*--allow-empty") as caught:
+    with pytest.raises(shards_publish.PublishRefused, match=r"^expected at least one episode to publish into .*--allow-empty") as caught:
         shards_job.run_shards(inputs, data["stats"], data["tok"], str(out), image_size=32, beam_args=FAST,
                               log=lambda m: None, wait=False)
     assert "\n" not in str(caught.value)
@@ -393,7 +395,7 @@ def test_refusal_in_a_worker_process_reaches_the_launcher_as_one_line(data, tmp_
     out = copy_of(data["A"], tmp_path / "out")
     before = snapshot(out)
     inputs = [DatasetInput("bridge_orig", data["unlabeled"], get_spec("bridge_orig"))]
-    with pytest.raises(shards_job.PublishRefused) as caught:
+    with pytest.raises(shards_publish.PublishRefused) as caught:
         shards_job.run_shards(inputs, data["stats"], data["tok"], str(out), image_size=32, log=lambda m: None,
                               beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     assert type(caught.value.__cause__) is RuntimeError  # not our exception type: it came as text from a worker
@@ -424,7 +426,7 @@ def test_remote_publish_failure_restores_the_previous_output(data, tmp_path, gcs
     staging = paths.join(out, ".staging-test")
     for entry in ENTRIES:
         paths.copy_tree(str(data["B"] / entry), paths.join(staging, entry))
-    paths.write_bytes_atomic(paths.join(staging, ".owner.json"), json.dumps(shards_job._owner_record()).encode())
+    paths.write_bytes_atomic(paths.join(staging, ".owner.json"), json.dumps(shards_publish.owner_record()).encode())
     manifest = (data["B"] / "manifest.json").read_bytes()
 
     def remote_tree(keep=lambda name: True):
@@ -447,10 +449,10 @@ def test_remote_publish_failure_restores_the_previous_output(data, tmp_path, gcs
 
     monkeypatch.setattr(paths, "move", move)
     with pytest.raises(OSError, match="No space left"):
-        shards_job.publish(staging, out, manifest)
+        shards_publish.publish(staging, out, manifest)
     assert remote_tree(published) == old_output
     assert remote_tree(in_staging) == staged
     monkeypatch.setattr(paths, "move", real_move)
-    shards_job.publish(staging, out, manifest)
+    shards_publish.publish(staging, out, manifest)
     assert remote_tree() == {k: v for k, v in snapshot(data["B"]).items() if v is not None}
-    assert shards_job.foreign_entries(out) == []
+    assert shards_publish.foreign_entries(out) == []

@@ -24,13 +24,13 @@ from vlaprep.pipelines import cli, safe_pickle
 from vlaprep.pipelines.sources import (
     RecordDecodeError,
     RLDSShard,
-    _masked_crc32c,
     iter_tfrecord_file,
     read_rlds_shard,
     rlds_keys,
     rlds_parser,
     source_units,
 )
+from vlaprep.pipelines.sources.tfrecord import masked_crc32c
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.synthetic.calvin import generate_calvin
 from vlaprep.synthetic.rlds import generate_rlds
@@ -51,7 +51,7 @@ GARBAGE = b"\xff" * 24
 def _frame(data: bytes) -> bytes:
     """One TFRecord: uint64 length, masked CRC32C(length), data, masked CRC32C(data), little-endian."""
     length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc32c(length)) + data + struct.pack("<I", _masked_crc32c(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
 
 
 def _records(raw: bytes) -> list[bytes]:
@@ -396,7 +396,7 @@ def test_stats_cache_keys_short_shards_by_declared_count(damaged, damaged_stats,
 
 
 def test_leading_short_shards_keep_the_proprio_column(rlds, tmp_path):
-    from vlaprep.pipelines.shards_job import probe_proprio_dims
+    from vlaprep.pipelines.shards.job import probe_proprio_dims
     from vlaprep.pipelines.job import DatasetInput
 
     data = _copy(rlds, tmp_path / "d")

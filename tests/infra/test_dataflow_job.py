@@ -12,7 +12,7 @@ import pytest
 
 from vlaprep import paths
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 from vlaprep.transforms.registry import get_spec
@@ -73,7 +73,7 @@ def test_stats_job_is_built_and_staged_for_dataflow(gcs_prefix, rlds):
 
 @pytest.mark.timeout(300)
 def test_shards_job_is_built_and_staged_for_dataflow(tmp_path, gcs_prefix, rlds):
-    from vlaprep.pipelines.shards_job import run_shards
+    from vlaprep.pipelines.shards.job import run_shards
 
     inputs = [DatasetInput("bridge_orig", str(rlds), get_spec("bridge_orig"))]
     run_stats(inputs, str(tmp_path / "stats"), beam_args=IN_PROCESS, log=lambda m: None)

@@ -605,7 +605,7 @@ def test_copied_files_build_a_complete_wheel(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     from vlaprep.pipelines.job import DatasetInput
-    from vlaprep.pipelines.stats_job import run_stats
+    from vlaprep.pipelines.stats.job import run_stats
     from vlaprep.synthetic.rlds import generate_rlds
     from vlaprep.transforms.registry import get_spec
 

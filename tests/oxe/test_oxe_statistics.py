@@ -32,7 +32,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.layouts import generate_layout_rlds
 from vlaprep.transforms.base import EmptyTrajectoryError, TransformError
 from vlaprep.transforms.registry import REGISTRY

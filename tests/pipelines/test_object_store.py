@@ -11,7 +11,7 @@ import pytest
 
 from vlaprep import paths
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.calvin import generate_calvin
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.transforms.registry import get_spec
@@ -76,7 +76,8 @@ def test_stats_on_gcs_identical_to_local(tmp_path, gcs_prefix, rlds_dir, calvin_
 
 @pytest.mark.timeout(400)
 def test_shards_on_gcs_identical_to_local(tmp_path, gcs_prefix, rlds_dir):
-    from vlaprep.pipelines.shards_job import run_shards, verify_output
+    from vlaprep.pipelines.shards.job import run_shards
+    from vlaprep.pipelines.shards.publish import verify_output
     from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 
     build_llama_like_tokenizer(tmp_path / "tok")

@@ -10,9 +10,9 @@ import pathlib
 
 import pytest
 
-from vlaprep.pipelines import cli, run_job, shards_job
+from vlaprep.pipelines import cli, run_job
 from vlaprep.pipelines.options import OPTION_SETS, SHARD_OPTIONS, STATS_OPTIONS, VALIDATE_OPTIONS, Option, OptionSet
-from vlaprep.pipelines.shards import ShardsArgumentError
+from vlaprep.pipelines.shards.options import ShardsArgumentError, check_options
 
 INFRA = pathlib.Path(__file__).resolve().parents[2] / "infra"
 
@@ -61,10 +61,10 @@ def test_template_parameters_are_the_option_sets():
 def test_shard_options_are_checked_by_the_stage_for_every_entry_point(tmp_path):
     # the same value is refused the same way by the stage's check, run.yaml and the CLI
     with pytest.raises(ShardsArgumentError, match="image-size"):
-        shards_job.check_options(image_size=100000)
+        check_options(image_size=100000)
     with pytest.raises(ShardsArgumentError, match="unknown"):
-        shards_job.check_options(image_sise=224)
-    assert shards_job.check_options()["image_size"] == SHARD_OPTIONS.defaults()["image_size"]
+        check_options(image_sise=224)
+    assert check_options()["image_size"] == SHARD_OPTIONS.defaults()["image_size"]
     config = tmp_path / "run.yaml"
     config.write_text("output: out\ntokenizer: tok\ndatasets: [{name: bridge_orig, path: data}]\nshards: {image_size: 100000}\n")
     with pytest.raises(run_job.RunConfigError, match="image-size.*shards.image_size"):

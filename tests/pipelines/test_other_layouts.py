@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from vlaprep.pipelines.sources import iter_unit_episodes, source_units
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.schemas.episode import Episode
 from vlaprep.transforms.registry import get_spec, load_registry_yaml
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.stats_job import run_stats
+from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.transforms.registry import get_spec
 
@@ -93,7 +93,7 @@ def test_stats_identical_through_job_service_and_external_workers(tmp_path, data
 
 @pytest.mark.timeout(400)
 def test_shards_identical_through_job_service_and_external_workers(tmp_path, dataset, portable_services):
-    from vlaprep.pipelines.shards_job import run_shards
+    from vlaprep.pipelines.shards.job import run_shards
     from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 
     inputs = [DatasetInput("bridge_orig", str(dataset), get_spec("bridge_orig"))]

@@ -89,7 +89,7 @@ def test_changed_option_recomputes_only_downstream(workspace, tmp_path):
 
 
 def test_interrupted_run_keeps_previous_version_and_rerun_matches(workspace, tmp_path, monkeypatch):
-    from vlaprep.pipelines import shards_job
+    from vlaprep.pipelines.shards import job as shards_job
 
     raw = yaml.safe_load((workspace / "run.yaml").read_text())
     for key in ("tokenizer", "model"):

@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 from vlaprep.pipelines import cli
-from vlaprep.pipelines.shards import EMPTY_LANGUAGE_REASON, EMPTY_TRAJECTORY_REASON
-from vlaprep.pipelines.sources import _decode_text
+from vlaprep.pipelines.shards.options import EMPTY_LANGUAGE_REASON, EMPTY_TRAJECTORY_REASON
+from vlaprep.pipelines.sources.rlds import decode_text
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 
@@ -84,9 +84,9 @@ def test_only_episodes_without_any_instruction_are_dropped(jaco):
 def test_language_table_text_ends_at_the_first_nul():
     # OpenVLA decodes Language Table's int32 code points and keeps the text before the first NUL.
     codes = np.array([112, 117, 115, 104, 0, 120, 121, 0, 0], np.int32)
-    assert _decode_text(codes) == "push"
-    assert _decode_text(np.array([104, 105], np.int64)) == "hi"
-    assert _decode_text(np.zeros(4, np.int32)) == ""
+    assert decode_text(codes) == "push"
+    assert decode_text(np.array([104, 105], np.int64)) == "hi"
+    assert decode_text(np.zeros(4, np.int32)) == ""
 
 
 def test_a_two_step_bridge_episode_counts_in_statistics_and_is_accounted_in_shards(tmp_path):

@@ -19,7 +19,7 @@ they are copied into the checkpoint as every OpenVLA checkpoint carries them):
   *_prismatic.py            OpenVLA's code
 
 Load it as OpenVLA's README does (``AutoProcessor`` / ``AutoModelForVision2Seq`` with
-``trust_remote_code=True``; on transformers 5.x through ``vlaprep.pipelines.openvla_model``'s compat), in a
+``trust_remote_code=True``; on transformers 5.x through ``vlaprep.pipelines.validate.openvla``'s compat), in a
 process that called ``register_tiny_timm_models()``.
 
 Tiny towers: timm's ``VisionTransformer`` registered under two extra names with the arguments of the
@@ -199,7 +199,7 @@ def informative_init(model, seed: int, low: int = ACTION_LOW, high: int = ACTION
 def _load_code_classes(out_dir: str):
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from vlaprep.pipelines.openvla_model import apply_transformers_compat, compat_class
+    from vlaprep.pipelines.validate.openvla import apply_transformers_compat, compat_class
 
     apply_transformers_compat()
     get = lambda ref: get_class_from_dynamic_module(ref, out_dir, local_files_only=True)  # noqa: E731
