@@ -50,7 +50,7 @@ def edit_calvin(src: str, dst: str) -> None:
     """Copy CALVIN and shift the relative action of one frame inside the first language window."""
     import numpy as np
 
-    from vlaprep.pipelines.sources import calvin_frame_path, list_calvin_windows
+    from vlaprep.pipelines.sources.calvin import calvin_frame_path, list_calvin_windows
 
     shutil.copytree(src, dst)
     window = list_calvin_windows(dst)[0]

@@ -6,9 +6,13 @@ processes (`--direct_running_mode=multi_processing`, the default above 256 MiB o
 for one process) and samples, every 0.1 s,
 the resident set size of the driver and of every descendant process (the Beam workers). Reports the
 peak of the driver and of the largest worker, and the growth between sizes (issue #19's target:
-every process grows by at most 15% from 2,000 to 16,000 episodes).
+every process grows by at most 15% from 2,000 to 16,000 episodes, and from 16,000 to 64,000).
 
-  python benchmarks/memory_scaling_benchmark.py [--sizes 2000,16000] [--shards] [--data DIR]
+It also times the single-threaded TFRecord read floor (`read_floor.py`) on each size and reports the
+marginal throughput of `vlaprep stats` as in `stats_benchmark.py`: the floor's extra wall from one
+size to the next over vlaprep's (start-up cancels; the target is >= 1.3x with 2 workers on 2 cores).
+
+  python benchmarks/memory_scaling_benchmark.py [--sizes 2000,16000,64000] [--shards] [--in-process] [--data DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import tempfile
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 VLAPREP = os.path.join(os.path.dirname(PY), "vlaprep")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -106,6 +111,8 @@ def main() -> None:
         for n in sizes:
             data = ensure_dataset(args.data, n)
             input_mb = sum(os.path.getsize(os.path.join(data, f)) for f in os.listdir(data)) / 2**20
+            floor = run_sampled([PY, os.path.join(HERE, "read_floor.py"), data])
+            rows.append(("floor", n, input_mb, floor))
             out = os.path.join(work, f"stats-{n}")
             r = run_sampled([VLAPREP, "stats", "--dataset", f"bridge_orig={data}", "--output", out, "--force", *mode])
             rows.append(("stats", n, input_mb, r))
@@ -125,6 +132,12 @@ def main() -> None:
     for cmd, n, mb, r in rows:
         worker = max(r["workers"].values(), default=0)
         print(f"{cmd:7} {n:>8} {mb:>6.0f} MB {r['seconds']:>7.1f}s {_mb(r['driver']):>12} {_mb(worker):>15} {len(r['workers']):>7}")
+    floors = {n: r["seconds"] for c, n, _mb_, r in rows if c == "floor"}
+    stats_walls = [(n, r["seconds"]) for c, n, _mb_, r in rows if c == "stats"]
+    for (n0, w0), (n1, w1) in zip(stats_walls, stats_walls[1:]):
+        extra_floor, extra_stats = floors[n1] - floors[n0], w1 - w0
+        print(f"stats marginal {n0} -> {n1} episodes: extra wall {extra_stats:.1f}s vs read floor {extra_floor:.1f}s "
+              f"-> {extra_floor / extra_stats:.2f}x the single-threaded read floor")
     for cmd in ("stats", "shards"):
         mine = [(n, r) for c, n, _mb_, r in rows if c == cmd]
         for (n0, r0), (n1, r1) in zip(mine, mine[1:]):

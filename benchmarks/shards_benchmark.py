@@ -43,7 +43,8 @@ IMAGE_FLOOR = textwrap.dedent(
     import os, sys, glob
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import tensorflow as tf
-    from vlaprep.pipelines.sources import iter_tfrecord_file, rlds_parser
+    from vlaprep.pipelines.sources.rlds import rlds_parser
+    from vlaprep.pipelines.sources.tfrecord import iter_tfrecord_file
     version_dir, part, parts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     files = sorted(glob.glob(os.path.join(version_dir, "*.tfrecord-*")))[part::parts]
     parser = rlds_parser(version_dir, ["observation/image_0"])
@@ -125,7 +126,8 @@ def _floor_cmd(scratch: str, version_dir: str) -> list[str]:
 def _count_frames(version_dir: str, split: str | None = None) -> int:
     import glob
 
-    from vlaprep.pipelines.sources import iter_tfrecord_file, rlds_parser
+    from vlaprep.pipelines.sources.rlds import rlds_parser
+    from vlaprep.pipelines.sources.tfrecord import iter_tfrecord_file
 
     parser = rlds_parser(version_dir, ["action"])
     pattern = f"*-{split}.tfrecord-*" if split else "*.tfrecord-*"

@@ -8,6 +8,7 @@ import sys
 
 from vlaprep.pipelines.options import SHARD_OPTIONS, STATS_OPTIONS, VALIDATE_OPTIONS
 from vlaprep.errors import UsageError, UserError, describe_environment_error, environment_error
+from vlaprep.schemas import layout
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -99,10 +100,10 @@ def _cmd_stats(args, beam_args):
     result = run_stats(inputs, args.output, with_proprio=STATS_OPTIONS.values(args)["proprio"], force=args.force, beam_args=beam_args, log=stderr_log,
                        wait=not args.no_wait)
     if result.job is not None:
-        print(_submitted(result.job, args.output, "dataset_statistics.json"))
+        print(_submitted(result.job, args.output, layout.STATISTICS_FILE))
         return 0
     print(summary_table(result))
-    print(f"wrote {_join(args.output, 'dataset_statistics.json')} in {result.seconds:.1f}s")
+    print(f"wrote {_join(args.output, layout.STATISTICS_FILE)} in {result.seconds:.1f}s")
     return 0
 
 
@@ -149,7 +150,7 @@ def _cmd_shards(args, beam_args):
     except ShardsArgumentError as e:
         raise UsageError(str(e)) from None
     if result.job is not None:
-        print(_submitted(result.job, args.output, "manifest.json"))
+        print(_submitted(result.job, args.output, layout.MANIFEST_FILE))
         return 0
     print(summary(result))
     print(f"wrote {_join(args.output, 'manifest.json')} in {result.seconds:.1f}s")

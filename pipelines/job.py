@@ -2,10 +2,11 @@
 network-free local defaults, the log the CLI prints progress to, the output directory's up-front write
 check and atomic JSON writes.
 
-Dataset inputs are resolved here, once per command, for ``vlaprep stats``, ``vlaprep shards`` and
-``vlaprep run`` alike: ``NAME=PATH`` pairs, and OpenVLA's named mixtures (``--mixture NAME --data-dir
-ROOT``: each dataset at ``ROOT/NAME/<version>``, the newest version holding ``dataset_info.json``, as
-``tfds.builder(NAME, data_dir=ROOT)`` finds it).
+Dataset inputs are named here for ``vlaprep stats``, ``vlaprep shards`` and ``vlaprep run`` alike:
+``NAME=PATH`` pairs, and OpenVLA's named mixtures (``--mixture NAME --data-dir ROOT``: each dataset at
+``ROOT/NAME/<version>``, the newest version holding ``dataset_info.json``, as ``tfds.builder(NAME,
+data_dir=ROOT)`` finds it). A ``DatasetInput`` is the request; ``resolve_datasets`` turns it, once per
+command, into the ``ResolvedDataset`` (metadata read, units planned) every stage works from.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from vlaprep import paths
 from vlaprep.errors import OutputError, UsageError, describe_environment_error
 from vlaprep.paths import write_bytes_atomic
+from vlaprep.pipelines.sources import ResolvedDataset, SourceError, resolve_dataset
+from vlaprep.pipelines.sources.rlds import resolve_rlds_version_dir
 from vlaprep.transforms.registry import DatasetSpec, get_spec, merged_registry
 
 # Local runs must never reach for the network: the plain DirectRunner first tries to download Prism.
@@ -36,12 +39,20 @@ PARALLEL_MIN_BYTES = 256 << 20
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInput:
-    """One dataset of a run: its registry name, where it is, its registry entry, its mixture weight."""
+    """One dataset a run asks for: its registry name, where it is, its registry entry, its mixture weight
+    (not read yet: ``resolve_datasets``)."""
 
     name: str
     path: str
     spec: DatasetSpec
     weight: float = 1.0
+
+
+def resolve_datasets(items: Sequence[DatasetInput | ResolvedDataset]) -> list[ResolvedDataset]:
+    """Each requested dataset located, checked against its registry entry and planned (``SourceError``
+    before any work); already resolved ones pass through, so a command that runs several stages
+    (``vlaprep run``) reads each dataset's metadata once."""
+    return [i if isinstance(i, ResolvedDataset) else resolve_dataset(i.name, i.path, i.spec, i.weight) for i in items]
 
 
 def beam_options(beam_args: Sequence[str], input_bytes: int | None = None) -> PipelineOptions:
@@ -63,8 +74,6 @@ def beam_options(beam_args: Sequence[str], input_bytes: int | None = None) -> Pi
             in_memory = "--direct_running_mode=in_memory" in args
             args.append(f"--direct_num_workers={1 if in_memory else cores}")
     return PipelineOptions(args)
-
-
 
 
 def pid_alive(pid: int) -> bool:
@@ -107,7 +116,6 @@ def mixture_inputs(name: str, data_dir: str, registry: dict, skip_missing: bool 
     Each dataset is ``data_dir/<dataset>`` (its version found as TFDS does). A dataset of the mixture
     that is not there fails at once naming it, or is skipped (and said) with ``skip_missing``.
     """
-    from vlaprep.pipelines.sources import SourceError, resolve_rlds_version_dir
     from vlaprep.transforms.mixtures import UnknownMixtureError, expand_mixture
 
     try:

@@ -81,11 +81,31 @@ from vlaprep.paths import confined
 from vlaprep.pipelines import fingerprint
 from vlaprep.pipelines.options import SHARD_OPTIONS, STATS_OPTIONS, VALIDATE_OPTIONS, Option
 from vlaprep.pipelines.shards.options import ShardsArgumentError, check_options
-from vlaprep.pipelines.job import DatasetInput, dataset_input, load_registry, mixture_inputs, pid_alive, write_json_atomic
+from vlaprep.pipelines.job import (
+    DatasetInput,
+    dataset_input,
+    load_registry,
+    mixture_inputs,
+    pid_alive,
+    resolve_datasets,
+    write_json_atomic,
+)
+from vlaprep.pipelines.sources import ResolvedDataset
 from vlaprep.pipelines.stats.cache import dataset_fingerprint
 from vlaprep.pipelines.stats.job import run_stats, summary_table
 from vlaprep.schemas import layout
-from vlaprep.schemas.layout import CURRENT_LINK, LATEST_FILE, MANIFEST_FILE, SHARDS_STAGE_DIR, STATISTICS_CACHE_FILE, VERSIONS_DIR
+from vlaprep.schemas.layout import (
+    CURRENT_LINK,
+    LATEST_FILE,
+    MANIFEST_FILE,
+    SHARDS_STAGE_DIR,
+    STATISTICS_CACHE_FILE,
+    STATISTICS_FILE,
+    STATS_STAGE_DIR,
+    VALIDATION_REPORT_FILE,
+    VALIDATION_STAGE_DIR,
+    VERSIONS_DIR,
+)
 
 SUMMARY_FILE = "run_summary.json"
 VERSION_MARKER = ".vlaprep-version.json"  # in every version directory vlaprep creates
@@ -93,7 +113,7 @@ MARKER_FORMAT = "vlaprep.version"
 LOCK_FILE = ".vlaprep.lock"
 STAGING_PREFIX = ".building-"  # versions/.building-<random>/: a version being built, never read
 _OWNER_FILE = ".owner.json"  # in a local staging directory: {"host", "pid", "started"}; removed before publishing
-_STAGES = ("stats", SHARDS_STAGE_DIR, "validation")
+_STAGES = (STATS_STAGE_DIR, SHARDS_STAGE_DIR, VALIDATION_STAGE_DIR)
 
 
 class RunConfigError(UserError):
@@ -473,7 +493,8 @@ def load_run_config(path: str) -> RunConfig:
 
 
 def _dataset_inputs(config: RunConfig) -> list[DatasetInput]:
-    """The config's datasets (``datasets:`` and/or ``mixture:`` + ``data_dir:``), resolved once (``pipelines/job``)."""
+    """The config's datasets (``datasets:`` and/or ``mixture:`` + ``data_dir:``), named and checked against the
+    registry (``pipelines/job``; ``resolve_datasets`` reads them)."""
     try:
         registry = load_registry(config.registry, "registry")
         inputs = [dataset_input(e["name"], e["path"], registry, e["weight"], f"datasets in {config.source}")
@@ -495,7 +516,7 @@ def _dir_fingerprint(path: str) -> list:
     return fingerprint.files_fingerprint([paths.join(path, n) for n, _ in paths.list_files(path)], path)
 
 
-def stage_fingerprints(config: RunConfig, inputs: Sequence[DatasetInput]) -> dict:
+def stage_fingerprints(config: RunConfig, inputs: Sequence[ResolvedDataset]) -> dict:
     """Fingerprints of what each stage reads, computable before running anything."""
     proprio = option(config.stats, STATS_KEYS, "proprio")
     datasets_fp = {i.name: dataset_fingerprint(i, proprio) for i in inputs}
@@ -656,9 +677,9 @@ def _resumable(staging: str) -> None:
     """Keep what an interrupted build of the same version finished and a rerun reuses: its statistics
     (per-dataset cache, per-unit projections); drop everything else (shards, validation, temp files)."""
     for name in os.listdir(staging):
-        if name not in ("stats", VERSION_MARKER, _OWNER_FILE):
+        if name not in (STATS_STAGE_DIR, VERSION_MARKER, _OWNER_FILE):
             paths.remove_tree(os.path.join(staging, name))
-    for directory, _dirs, names in os.walk(os.path.join(staging, "stats")):
+    for directory, _dirs, names in os.walk(os.path.join(staging, STATS_STAGE_DIR)):
         for name in names:
             if name.startswith(".tmp-"):  # an atomic write that never completed
                 os.unlink(os.path.join(directory, name))
@@ -798,6 +819,7 @@ def _run_locked(config: RunConfig, inputs, args, force: bool, log, started: floa
 
     versions_root = paths.join(config.output, VERSIONS_DIR)
     local = not paths.is_remote(config.output)
+    inputs = resolve_datasets(inputs)  # once: the stages and the fingerprints share what it read
     fps = stage_fingerprints(config, inputs)
     version = "v-" + fingerprint.combine(fps)[:16]
     latest = read_latest(config.output)
@@ -853,15 +875,15 @@ def _run_locked(config: RunConfig, inputs, args, force: bool, log, started: floa
         }
         log(f"[run] building {version} in {staging}")
         log(f"[run] 1/3 statistics for {', '.join(i.name for i in inputs)}")
-        if previous and not force and paths.isfile(paths.join(previous, "stats", STATISTICS_CACHE_FILE)) and not paths.isfile(paths.join(stats_dir, STATISTICS_CACHE_FILE)):
+        if previous and not force and paths.isfile(paths.join(previous, STATS_STAGE_DIR, STATISTICS_CACHE_FILE)) and not paths.isfile(paths.join(stats_dir, STATISTICS_CACHE_FILE)):
             paths.makedirs(stats_dir)  # per-dataset reuse: unchanged datasets are not re-read
-            paths.copy_file(paths.join(previous, "stats", STATISTICS_CACHE_FILE), paths.join(stats_dir, STATISTICS_CACHE_FILE))
+            paths.copy_file(paths.join(previous, STATS_STAGE_DIR, STATISTICS_CACHE_FILE), paths.join(stats_dir, STATISTICS_CACHE_FILE))
         proprio = option(config.stats, STATS_KEYS, "proprio")
         stats = run_stats(inputs, stats_dir, with_proprio=proprio, force=force, beam_args=args, log=log)
         log(summary_table(stats))
         summary_doc["stages"]["stats"] = {"computed": stats.computed, "reused": stats.reused, "quarantined": len(stats.quarantine)}
 
-        statistics_file = paths.join(stats_dir, "dataset_statistics.json")
+        statistics_file = paths.join(stats_dir, STATISTICS_FILE)
 
         def carry_over(stage: str, directory: str, marker: str) -> bool:
             """Reuse a whole stage of the previous version when its input fingerprint is unchanged."""
@@ -886,10 +908,10 @@ def _run_locked(config: RunConfig, inputs, args, force: bool, log, started: floa
         summary_doc["splits"] = manifest.splits
 
         if config.model:
-            from vlaprep.pipelines.validate.job import REPORT_FILE, run_validate, summary_text
+            from vlaprep.pipelines.validate.job import run_validate, summary_text
 
-            report_path = paths.join(val_dir, REPORT_FILE)
-            if not carry_over("validate", "validation", REPORT_FILE):
+            report_path = paths.join(val_dir, VALIDATION_REPORT_FILE)
+            if not carry_over("validate", VALIDATION_STAGE_DIR, VALIDATION_REPORT_FILE):
                 log("[run] 3/3 validation (model inference over held-out episodes)")
                 v = {k.name: option(config.validate, VALIDATE_KEYS, k.name) for k in VALIDATE_KEYS}
                 run_validate(shards_dir, config.model, val_dir, trust_remote_code=config.trust_remote_code,
@@ -958,7 +980,7 @@ def status(config_or_output: str) -> str:
     if not paths.is_remote(config_or_output) and not os.path.isdir(config_or_output):
         config = load_run_config(config_or_output)
         output = config.output
-        fps = stage_fingerprints(config, _dataset_inputs(config))
+        fps = stage_fingerprints(config, resolve_datasets(_dataset_inputs(config)))
     else:
         config, output, fps = None, config_or_output, {}
     latest = read_latest(output)

@@ -47,7 +47,13 @@ MANIFEST_FORMAT_VERSION = 1
 LATEST_FILE = "LATEST"
 CURRENT_LINK = "current"
 VERSIONS_DIR = "versions"
+STATS_STAGE_DIR = "stats"  # one directory per stage inside a version
 SHARDS_STAGE_DIR = "shards"
+VALIDATION_STAGE_DIR = "validation"
+
+# --- validation output (written by ``vlaprep validate``) --------------------------------------------
+VALIDATION_REPORT_FILE = "validation_report.json"
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def shard_relpath(split: str, index: int, count: int) -> str:

@@ -8,7 +8,8 @@ Pipeline shape (all datasets in one pipeline, ``build_shards_pipeline``):
           --FinalizeShards--> checks, manifest, publish (``job.ShardsFinalizer``), once every file is written
 
 Data flow. Encoded episodes are spilled as Arrow IPC files under the staging directory and only
-``EpisodeRef``s (name, bytes, rows) go through the shuffle (see ``EncodeEpisodes``): temporary disk
+``EpisodeRef``s (name, bytes, rows), packed by the thousand, go through the shuffle (see
+``EncodeEpisodes``, ``WriteShards``): temporary disk
 of about the rows' uncompressed size (~150 KB per 224x224 frame) under ``OUT/.staging-*/.work``.
 Every encoded, quarantined, reused or written item increments a counter in the ``vlaprep`` namespace.
 """
@@ -16,15 +17,15 @@ Every encoded, quarantined, reused or written item increments a counter in the `
 from __future__ import annotations
 
 import json
+import zlib
 from typing import TYPE_CHECKING, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
 
 from vlaprep import paths
-from vlaprep.pipelines import sources
-from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.shards.plan import EpisodeKey, ShardPlan, plan_shards
+from vlaprep.pipelines.sources import ReadDataset, ResolvedDataset
+from vlaprep.pipelines.shards.plan import ShardPlan, plan_shards
 from vlaprep.pipelines.shards.publish import WORK_DIR
 from vlaprep.pipelines.shards.rows import EncoderConfig
 from vlaprep.pipelines.shards.spill import EpisodeRef, SpilledEpisode
@@ -88,17 +89,43 @@ class EncodeEpisodes(beam.PTransform):
         return {"encoded": results.encoded, "quarantine": results[QUARANTINE]}
 
 
-def _episode_size(key: EpisodeKey, ref: EpisodeRef):
-    return tuple(key), ref.nbytes
+REFS_PER_BATCH = 4096  # episode references packed into one element; bounds the packing worker's buffer
 
 
-def _assign_shard(element, plan: ShardPlan):
-    key, ref = element
-    return (key[0], plan.shard_of(key)), (key, ref)
+def _pack_refs(items) -> bytes:
+    """[(EpisodeKey, EpisodeRef)] -> one element: their fields as JSON rows sorted by key, zlib-compressed
+    (~50 bytes per episode instead of a few KB of Python objects where a local runner holds them)."""
+    rows = [[*key, ref.name, ref.nbytes, ref.rows, ref.arrow_nbytes] for key, ref in sorted(items, key=lambda kv: tuple(kv[0]))]
+    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode("utf-8"))
+
+
+def _unpack_refs(packed: bytes) -> list:
+    """``_pack_refs`` reversed: [(EpisodeKey, EpisodeRef)] sorted by key."""
+    return [((split, dataset, episode_id), EpisodeRef(name, nbytes, rows, arrow_nbytes))
+            for split, dataset, episode_id, name, nbytes, rows, arrow_nbytes in json.loads(zlib.decompress(packed))]
+
+
+def _plan_packed(batches: list, target_bytes: int) -> ShardPlan:
+    """Every packed batch -> ``plan_shards`` over their (key, nbytes)."""
+    return plan_shards([(key, ref.nbytes) for packed in batches for key, ref in _unpack_refs(packed)], target_bytes)
+
+
+def _split_by_shard(packed: bytes, plan: ShardPlan):
+    """A packed batch -> ((split, shard index), packed references of that shard) per shard it holds episodes
+    of. The batch is sorted and a shard is a contiguous key range, so each shard is one run of it."""
+    runs = []
+    for key, ref in _unpack_refs(packed):
+        target = (key[0], plan.shard_of(key))
+        if runs and runs[-1][0] == target:
+            runs[-1][1].append((key, ref))
+        else:
+            runs.append((target, [(key, ref)]))
+    for target, items in runs:
+        yield target, _pack_refs(items)
 
 
 class _WriteShardFn(beam.DoFn):
-    """((split, shard index), [(EpisodeKey, EpisodeRef)]) -> the written file's info as one JSON line."""
+    """((split, shard index), [packed references of its episodes]) -> the written file's info as one JSON line."""
 
     def __init__(self, root: str, spill_dir: str, schema: pa.Schema):
         self._root = root
@@ -106,8 +133,8 @@ class _WriteShardFn(beam.DoFn):
         self._schema = schema
 
     def process(self, element, plan: ShardPlan):
-        (split, index), refs = element
-        items = [(key, SpilledEpisode(self._spill_dir, ref)) for key, ref in refs]
+        (split, index), batches = element
+        items = [(key, SpilledEpisode(self._spill_dir, ref)) for packed in batches for key, ref in _unpack_refs(packed)]
         info = write_shard_file(self._root, split, index, plan.num_shards(split), items, self._schema, plan.episodes[split][index])
         beam.metrics.Metrics.counter(_NAMESPACE, "shard_files_written").inc()
         beam.metrics.Metrics.counter(_NAMESPACE, "shard_rows_written").inc(info["rows"])
@@ -118,11 +145,15 @@ class WriteShards(beam.PTransform):
     """PCollection[(EpisodeKey, EpisodeRef)] -> PCollection[str]: one JSON file info per Parquet file
     written under ``root`` (``<split>/shard-XXXXX-of-YYYYY.parquet``; keys of ``write.write_shard_file``).
 
-    The sorted (key, nbytes) list is gathered in one place (small: no rows), turned into a
-    ``ShardPlan`` and given to the workers as a side input; episode references are grouped by (split,
-    shard) and each writer reads its episodes from ``spill_dir``. The shard size target counts the
-    rows' uncompressed Arrow size (what a reader holds once a shard is decoded); the files are smaller
-    by Parquet's zstd ratio.
+    The references are first packed, right where they are produced, into batches of up to
+    ``REFS_PER_BATCH`` (compressed bytes): every later step crosses a stage boundary (the plan waits for
+    all sizes, the writers for the plan), and a local runner (FnApiRunner, in-process or with worker
+    processes) holds every element crossing one in the driver's memory, where one Python object per
+    episode grew the driver by a few KB per episode. The (key, nbytes) of every batch are gathered in one
+    place (no rows), turned into a ``ShardPlan`` and given to the workers as a side input; each batch is
+    split into runs by (split, shard), grouped per shard, and each writer reads its episodes from
+    ``spill_dir``. The shard size target counts the rows' uncompressed Arrow size (what a reader holds
+    once a shard is decoded); the files are smaller by Parquet's zstd ratio.
     """
 
     def __init__(self, root: str, spill_dir: str, schema: pa.Schema, target_bytes: int):
@@ -133,15 +164,19 @@ class WriteShards(beam.PTransform):
         self._target_bytes = int(target_bytes)
 
     def expand(self, encoded):
-        plan = (
+        batches = (
             encoded
-            | "EpisodeSizes" >> beam.MapTuple(_episode_size)
-            | "AllSizes" >> beam.combiners.ToList()
-            | "PlanShards" >> beam.Map(plan_shards, self._target_bytes)
+            | "BatchRefs" >> beam.BatchElements(min_batch_size=REFS_PER_BATCH, max_batch_size=REFS_PER_BATCH)
+            | "PackRefs" >> beam.Map(_pack_refs)
+        )
+        plan = (
+            batches
+            | "AllBatches" >> beam.combiners.ToList()
+            | "PlanShards" >> beam.Map(_plan_packed, self._target_bytes)
         )
         return (
-            encoded
-            | "AssignShard" >> beam.Map(_assign_shard, plan=beam.pvalue.AsSingleton(plan))
+            batches
+            | "SplitByShard" >> beam.FlatMap(_split_by_shard, plan=beam.pvalue.AsSingleton(plan))
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShardFn(self._root, self._spill_dir, self._schema), plan=beam.pvalue.AsSingleton(plan))
         )
@@ -187,7 +222,7 @@ def _dataset_of(episode) -> tuple:
     return episode.dataset_name, 1
 
 
-def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput], config: EncoderConfig,
+def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[ResolvedDataset], config: EncoderConfig,
                           finalizer: ShardsFinalizer) -> None:
     """Sources -> EncodeEpisodes -> WriteShards into ``finalizer.staging`` -> ``FinalizeShards`` (checks,
     manifest, publish) with the file infos, quarantine records and read counts as side inputs; encoded
@@ -209,7 +244,7 @@ def build_shards_pipeline(pipeline: beam.Pipeline, inputs: Sequence[DatasetInput
             quarantined.append(pipeline | f"ReusedQuarantine[{item.name}]" >> beam.Create(list(reuse.quarantine)))
             reused_counts.append(pipeline | f"ReusedCount[{item.name}]" >> beam.Create([(item.name, reuse.read)]))
             continue
-        read = pipeline | f"Read[{item.name}]" >> sources.ReadDataset(item.path, item.spec, image_roles=roles)
+        read = pipeline | f"Read[{item.name}]" >> ReadDataset(item, image_roles=roles)
         episodes.append(read["episodes"])
         quarantined.append(read["quarantine"] | f"QuarantineJson[{item.name}]" >> beam.Map(_json_line))
     all_episodes = episodes | "AllEpisodes" >> beam.Flatten(pipeline=pipeline)

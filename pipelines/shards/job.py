@@ -36,8 +36,8 @@ import numpy as np
 from vlaprep import paths
 from vlaprep.errors import in_chain
 from vlaprep.paths import write_bytes_atomic
-from vlaprep.pipelines import sources
-from vlaprep.pipelines.job import DatasetInput, beam_options
+from vlaprep.pipelines.job import DatasetInput, beam_options, resolve_datasets
+from vlaprep.pipelines.sources import ResolvedDataset
 from vlaprep.pipelines.shards.beam import build_shards_pipeline
 from vlaprep.pipelines.shards.manifest import build_manifest, manifest_bytes, plan_reuse, rows_fingerprint
 from vlaprep.pipelines.shards.options import ShardOptions, ShardsArgumentError, check_options
@@ -146,15 +146,15 @@ def _check_inputs(inputs: Sequence[DatasetInput], cameras: tuple[str, ...]) -> i
     return next(iter(dims.values()))
 
 
-def probe_proprio_dims(inputs: Sequence[DatasetInput], log=print, tries: int = 8) -> dict[str, int]:
+def probe_proprio_dims(inputs: Sequence[ResolvedDataset], log=print, tries: int = 8) -> dict[str, int]:
     """{dataset: the proprio width its transform gives} (read from a few of its episodes on the launcher;
     0 when it has no state). ``ShardOptions`` turns it into the column: the widest, zero-padded, with every
     dataset's own width in the manifest when they differ."""
     widths = {}
     for item in inputs:
         width = None
-        units = sources.source_units(item.path, item.spec)
-        candidates = (e for u in units for e in sources.iter_unit_episodes(u, item.spec, (), sources.unit_parser(item.spec, u)))
+        parser = item.parser()
+        candidates = (e for u in item.units for e in item.iter_episodes(u, (), parser))
         # Only episodes count as tries: a short, missing or corrupt shard yields one quarantine record per
         # record it lacks, and those say nothing about the width.
         episodes = (e for e in candidates if isinstance(e, Episode))
@@ -277,7 +277,7 @@ class ShardsFinalizer:
 
 
 def run_shards(
-    inputs: Sequence[DatasetInput],
+    inputs: Sequence[DatasetInput | ResolvedDataset],
     statistics: str,
     tokenizer: str,
     output_dir: str,
@@ -326,6 +326,7 @@ def run_shards(
     blocks, statistics_bytes = load_statistics(statistics, inputs)
     _check_normalization(blocks, normalization, statistics, action_dim)
     files, hf_tokenizer, vocab_size, eos_id, max_length, tokenization = load_tokenizer(tokenizer, action_chunk * action_dim)
+    inputs = resolve_datasets(inputs)  # the first read of the sources
     proprio_dims = probe_proprio_dims(inputs, log)
     proprio_dim = max(proprio_dims.values(), default=0)
     differing = tuple(sorted(proprio_dims.items())) if len(set(proprio_dims.values())) > 1 else ()

@@ -16,7 +16,7 @@ import numpy as np
 import vlaprep
 from vlaprep import paths
 from vlaprep.pipelines import fingerprint
-from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.sources import ResolvedDataset
 from vlaprep.pipelines.shards.options import ShardOptions
 from vlaprep.pipelines.shards.tokenization import TokenizerFiles
 from vlaprep.pipelines.stats.cache import dataset_fingerprint
@@ -49,7 +49,7 @@ def _software_versions() -> dict:
 
 
 def build_manifest(
-    inputs: Sequence[DatasetInput],
+    inputs: Sequence[ResolvedDataset],
     options: ShardOptions,
     file_infos: list,
     quarantine: list,
@@ -151,7 +151,7 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
-def rows_fingerprint(item: DatasetInput, action_block: dict, options: ShardOptions, tokenizer_files: TokenizerFiles) -> str:
+def rows_fingerprint(item: ResolvedDataset, action_block: dict, options: ShardOptions, tokenizer_files: TokenizerFiles) -> str:
     """Everything a dataset's rows depend on: its sources' content and registry entry (the statistics
     fingerprint, which covers the transform code and vlaprep's version), its normalization statistics,
     the row options (not the shard size target) and the tokenizer files."""

@@ -24,25 +24,7 @@ from vlaprep.pipelines.sources.base import (
 )
 from vlaprep.pipelines.sources.beam import ReadDataset
 
-# phase-1 re-exports: callers move to ResolvedDataset next
-from vlaprep.pipelines.sources.base import iter_unit_episodes, source_files, source_units, unit_parser
-from vlaprep.pipelines.sources.calvin import calvin_frame_path, list_calvin_windows, load_calvin_window
-from vlaprep.pipelines.sources.rlds import (
-    RecordDecodeError,
-    RLDSShard,
-    read_rlds_shard,
-    resolve_rlds_version_dir,
-    rlds_keys,
-    rlds_parser,
-    rlds_shard_files,
-)
-from vlaprep.pipelines.sources.tfrecord import iter_tfrecord_file
-
 __all__ = [
     "SOURCES", "BrokenLinkError", "ReadDataset", "ResolvedDataset", "Source", "SourceError", "SourceLocation",
     "SourcePlan", "SourceUnit", "resolve_dataset",
-    # phase-1 re-exports: callers move to ResolvedDataset next
-    "RLDSShard", "RecordDecodeError", "calvin_frame_path", "iter_tfrecord_file", "iter_unit_episodes",
-    "list_calvin_windows", "load_calvin_window", "read_rlds_shard", "resolve_rlds_version_dir", "rlds_keys",
-    "rlds_parser", "rlds_shard_files", "source_files", "source_units", "unit_parser",
 ]

@@ -147,9 +147,8 @@ class SourcePlan:
 class Source(abc.ABC):
     """How one on-disk format is found, planned and read. Stateless: ``SOURCES[fmt]()`` where needed.
 
-    ``locate`` (and ``read_metadata``, which it uses) are the only steps that read a dataset's metadata;
-    everything after works on what they read, so a command reads each metadata file once and its workers
-    never do.
+    ``locate`` is the only step that reads a dataset's metadata; everything after works on what it read,
+    so a command reads each metadata file once and its workers never do.
     """
 
     format: ClassVar[SourceFormat]
@@ -158,11 +157,6 @@ class Source(abc.ABC):
     def locate(self, path: str) -> SourceLocation:
         """The dataset at ``path`` (any layout the format accepts) with its metadata read and its files
         listed; ``SourceError`` when it is not a readable dataset of this format."""
-
-    @abc.abstractmethod
-    def read_metadata(self, root: str) -> Any:
-        """What a reader of any unit under ``root`` (a plan's root) needs, read from storage once; None
-        when the units carry everything (``SourceLocation.metadata``)."""
 
     @abc.abstractmethod
     def units(self, location: SourceLocation, spec: DatasetSpec) -> list[SourceUnit]:
@@ -255,36 +249,3 @@ def resolve_dataset(name: str, path: str, spec: DatasetSpec, weight: float = 1.0
     """Locate the dataset at ``path``, check it against ``spec`` and plan it: ``SourceError`` before any work."""
     source = SOURCES[spec.source_format]()
     return ResolvedDataset(name, path, spec, float(weight), source.plan(source.locate(path), spec))
-
-
-# --------------------------------------------------------------------------------------------------
-# Phase 1: the (path, spec) functions of callers not yet on ResolvedDataset (each call locates the
-# dataset again, reading its metadata again); they go when those callers move to ResolvedDataset.
-# --------------------------------------------------------------------------------------------------
-
-
-def source_files(path: str, spec: DatasetSpec) -> list[str]:
-    """``Source.files`` of the dataset at ``path``: the first thing a run asks of a source, so it checks
-    the dataset's metadata (``SourceError``) before any work."""
-    source = SOURCES[spec.source_format]()
-    return source.files(source.locate(path))
-
-
-def source_units(path: str, spec: DatasetSpec) -> list[SourceUnit]:
-    """``Source.units`` of the dataset at ``path``, in a stable order (checks its metadata: ``SourceError``)."""
-    source = SOURCES[spec.source_format]()
-    return source.units(source.locate(path), spec)
-
-
-def unit_parser(spec: DatasetSpec, unit: SourceUnit, image_roles: Sequence[str] = ()) -> Any:
-    """``Source.parser`` for the dataset holding ``unit`` (its metadata read from ``unit.path``), reusable
-    across its units; None for formats that need none."""
-    source = SOURCES[spec.source_format]()
-    return source.parser(source.read_metadata(unit.path), spec, image_roles)
-
-
-def iter_unit_episodes(
-    unit: SourceUnit, spec: DatasetSpec, image_roles: Sequence[str] = (), parser: Any = None
-) -> Iterator[Episode | QuarantineRecord]:
-    """``Source.iter_episodes``: every episode of the unit, a quarantine record for each unreadable one."""
-    return SOURCES[spec.source_format]().iter_episodes(unit, spec, image_roles, parser)

@@ -6,7 +6,7 @@ from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 
-from vlaprep.pipelines.sources.base import COUNTER_NAMESPACE, SOURCES, ResolvedDataset, SourceUnit, resolve_dataset
+from vlaprep.pipelines.sources.base import COUNTER_NAMESPACE, SOURCES, ResolvedDataset, SourceUnit
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.transforms.registry import DatasetSpec
 
@@ -49,14 +49,8 @@ class ReadDataset(beam.PTransform):
     format can check from its metadata (``Source.parser``: an RLDS dataset's step keys and cameras).
     """
 
-    def __init__(self, dataset: ResolvedDataset | str, spec: DatasetSpec | None = None, *, image_roles: Sequence[str] = ()):
+    def __init__(self, dataset: ResolvedDataset, *, image_roles: Sequence[str] = ()):
         super().__init__()
-        if isinstance(dataset, str):  # phase 1: callers that still pass (path, spec) move to ResolvedDataset next
-            if spec is None:
-                raise TypeError(
-                    f"expected ReadDataset(ResolvedDataset) or ReadDataset(path, spec), got path {dataset!r} and no spec"
-                )
-            dataset = resolve_dataset(spec.name, dataset, spec)
         self._dataset = dataset
         self._image_roles = tuple(image_roles)
         if dataset.units:

@@ -341,9 +341,6 @@ class CalvinSource(Source):
             ))
         return CalvinLocation(path, None, tuple(splits))
 
-    def read_metadata(self, root: str) -> None:
-        return None  # a unit's windows carry their frames, language and segment
-
     def units(self, location: CalvinLocation, spec: DatasetSpec) -> list[SourceUnit]:
         """A split's windows in annotation order, ``CALVIN_WINDOWS_PER_UNIT`` per unit; ``SourceError`` for a
         split without annotations. A window listed again (same frames) is not read twice: its record goes

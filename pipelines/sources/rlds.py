@@ -575,12 +575,9 @@ class RLDSSource(Source):
 
     def locate(self, path: str) -> RLDSLocation:
         version_dir = resolve_rlds_version_dir(path)
-        metadata = self.read_metadata(version_dir)
+        metadata = read_rlds_metadata(version_dir)
         # One listing, not a request per shard; dataset_info.json decides which files are shards.
         return RLDSLocation(version_dir, metadata, tuple(list_files(version_dir)))
-
-    def read_metadata(self, root: str) -> RLDSMetadata:
-        return read_rlds_metadata(root)
 
     def units(self, location: RLDSLocation, spec: DatasetSpec) -> list[SourceUnit]:
         metadata = location.metadata

@@ -35,9 +35,8 @@ import numpy as np
 from vlaprep import paths
 from vlaprep.errors import UserError
 from vlaprep.paths import write_bytes_atomic
-from vlaprep.pipelines import fingerprint, sources
-from vlaprep.pipelines.job import DatasetInput
-from vlaprep.pipelines.sources import SourceUnit
+from vlaprep.pipelines import fingerprint
+from vlaprep.pipelines.sources import ResolvedDataset, SourceUnit
 from vlaprep.pipelines.stats.records import ACTION, PROPRIO, transform_episode
 from vlaprep.schemas.episode import QuarantineRecord
 from vlaprep.transforms.registry import DatasetSpec
@@ -45,10 +44,10 @@ from vlaprep.transforms.registry import DatasetSpec
 CACHE_DIR = "stats_cache"
 
 
-def dataset_fingerprint(item: DatasetInput, with_proprio: bool) -> str:
+def dataset_fingerprint(item: ResolvedDataset, with_proprio: bool) -> str:
     """The key of ``item``'s entry in ``dataset_statistics.cache.json``: all its source files, the registry
     entry and transform code, the proprio flag and the vlaprep version."""
-    files = sources.source_files(item.path, item.spec)
+    files = list(item.files)
     root = paths.commonpath(files) if len(files) > 1 else paths.dirname(files[0]) if files else item.path
     return fingerprint.combine(
         "stats",
@@ -157,15 +156,17 @@ def _read_projection(path: str, dataset: str):
     return arrays, meta
 
 
-def project_unit(task: UnitTask, spec: DatasetSpec, with_proprio: bool, parser=None) -> UnitSummary:
+def project_unit(task: UnitTask, dataset: ResolvedDataset, with_proprio: bool, parser=None) -> UnitSummary:
     """Read, transform and project one unit (or, when ``task.cached``, read its projection's summary).
 
     Episodes that cannot be read or transformed become quarantine records (stage ``read`` /
     ``transform``), as everywhere; memory is bounded by one unit's compact rows (no images are read).
+    ``parser``: ``dataset.parser()``, reused across the dataset's units.
     """
+    spec = dataset.spec
     if not task.cached:
         records, quarantine, read = [], [], 0
-        for item in sources.iter_unit_episodes(task.unit, spec, (), parser):
+        for item in dataset.iter_episodes(task.unit, (), parser):
             if isinstance(item, QuarantineRecord):
                 quarantine.append(item)
                 continue
@@ -192,14 +193,14 @@ def unit_matrices(summary: UnitSummary, with_proprio: bool) -> list:
     return out
 
 
-def plan_units(inputs: Sequence[DatasetInput], with_proprio: bool, output_dir: str, force: bool = False) -> list[UnitTask]:
+def plan_units(inputs: Sequence[ResolvedDataset], with_proprio: bool, output_dir: str, force: bool = False) -> list[UnitTask]:
     """-> [UnitTask] for every source unit of every input; ``cached`` where its projection exists (not with ``force``)."""
     tasks = []
     for item in inputs:
         # One listing per dataset, not one existence check per unit (each is a request on object stores).
         projection_dir = paths.dirname(projection_path(output_dir, item.name, "x"))
         present = set() if force else {paths.join(projection_dir, n) for n, _ in paths.list_files(projection_dir)}
-        units = sources.source_units(item.path, item.spec)
+        units = item.units
         digests = fingerprint.digests([f for u in units for f in u.files + u.shared])
         for unit in units:
             key = unit_key(unit, item.spec, with_proprio, digests)

@@ -25,8 +25,8 @@ import apache_beam as beam
 
 from vlaprep import paths
 from vlaprep.paths import write_bytes_atomic
-from vlaprep.pipelines import sources
-from vlaprep.pipelines.job import DatasetInput, beam_options, check_output_dir, write_json_atomic
+from vlaprep.pipelines.job import DatasetInput, beam_options, check_output_dir, resolve_datasets, write_json_atomic
+from vlaprep.pipelines.sources import ResolvedDataset
 from vlaprep.pipelines.stats.beam import build_stats_pipeline
 from vlaprep.pipelines.stats.cache import dataset_fingerprint
 from vlaprep.pipelines.stats.failure import FAILURE_FILE, NoValidEpisodesError, note_failure, noted_failure
@@ -135,7 +135,7 @@ def load_cache(cache_path: str, log=print) -> dict:
 
 
 def run_stats(
-    inputs: Sequence[DatasetInput],
+    inputs: Sequence[DatasetInput | ResolvedDataset],
     output_dir: str,
     with_proprio: bool = False,
     force: bool = False,
@@ -157,9 +157,10 @@ def run_stats(
     failure_path = paths.join(output_dir, FAILURE_FILE)
     if paths.exists(failure_path):
         paths.remove_tree(failure_path)
+    inputs = resolve_datasets(inputs)
     fingerprints = {item.name: dataset_fingerprint(item, with_proprio) for item in inputs}
     todo = [item for item in inputs if force or cache.get(item.name, {}).get("fingerprint") != fingerprints[item.name]]
-    reused = [item.name for item in inputs if item not in todo]
+    reused = [item.name for item in inputs if item.name not in {i.name for i in todo}]
     for name in reused:
         log(f"[stats] {name}: inputs unchanged (fingerprint {fingerprints[name][:12]}), reusing cached statistics")
     finalizer = StatsFinalizer(
@@ -171,7 +172,7 @@ def run_stats(
         finalizer.finalize({}, [], {})
     else:
         log(f"[stats] computing {', '.join(i.name for i in todo)} ...")
-        input_bytes = sum(sum(paths.sizes(sources.source_files(item.path, item.spec)).values()) for item in todo)
+        input_bytes = sum(sum(paths.sizes(list(item.files)).values()) for item in todo)
         pipeline = beam.Pipeline(options=beam_options(beam_args, input_bytes))
         units.update(build_stats_pipeline(pipeline, todo, with_proprio, finalizer, force))
         try:

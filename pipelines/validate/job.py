@@ -39,10 +39,8 @@ from vlaprep.pipelines.validate.metrics import ModelAccumulator, RoundTripAccumu
 from vlaprep.pipelines.validate.model import ModelSpec, check_model_dir, is_openvla_dir, model_kind, resolve_device
 from vlaprep.pipelines.validate.openvla import check_openvla_dependencies
 from vlaprep.schemas import load_json_schema, validate_json
-from vlaprep.schemas.layout import INPUTS_DIR, MANIFEST_FILE, read_manifest
+from vlaprep.schemas.layout import INPUTS_DIR, MANIFEST_FILE, PREDICTIONS_FILE, VALIDATION_REPORT_FILE, read_manifest
 
-REPORT_FILE = "validation_report.json"
-PREDICTIONS_FILE = "predictions.jsonl"
 PREDICTIONS_SCHEMA = "predictions"
 
 
@@ -131,7 +129,7 @@ def run_validate(
     beam_args: Sequence[str] = (),
     log=print,
 ) -> ValidationResult:
-    """Validates ``split`` of ``shards_dir`` and ``model_dir`` on it; writes ``REPORT_FILE`` and ``PREDICTIONS_FILE``
+    """Validates ``split`` of ``shards_dir`` and ``model_dir`` on it; writes ``VALIDATION_REPORT_FILE`` and ``PREDICTIONS_FILE``
     in ``output_dir``."""
     started = time.time()
     if max_samples is not None and max_samples < 1:
@@ -225,7 +223,7 @@ def _run_validate(shards_dir, local_shards, model_dir, output_dir, kind, split, 
     validate_predictions(predictions)
     predictions_path = paths.join(output_dir, PREDICTIONS_FILE)
     paths.write_bytes_atomic(predictions_path, "".join(json.dumps(record) + "\n" for record in predictions).encode())
-    report_path = paths.join(output_dir, REPORT_FILE)
+    report_path = paths.join(output_dir, VALIDATION_REPORT_FILE)
     write_json_atomic(report_path, report)
     return ValidationResult(report, report_path, predictions_path)
 

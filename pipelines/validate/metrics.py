@@ -374,7 +374,7 @@ def build_report(
     max_samples: int | None,
     wall_seconds: float,
 ) -> dict:
-    """The report document (schemas/validation_report.schema.json); ``job.py`` writes it as ``REPORT_FILE``."""
+    """The report document (schemas/validation_report.schema.json); ``job.py`` writes it as ``layout.VALIDATION_REPORT_FILE``."""
     spec = MetricsSpec.from_layout(layout)
     rt_total = RoundTripAccumulator.zeros(layout.action_dim)
     for name in sorted(round_trip):

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from vlaprep.pipelines import cli
-from vlaprep.pipelines.sources import iter_tfrecord_file
+from vlaprep.pipelines.sources.tfrecord import iter_tfrecord_file
 from vlaprep.synthetic.rlds import generate_rlds
 from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from vlaprep.pipelines import cli
-from vlaprep.pipelines.sources import list_calvin_windows, rlds_shard_files
+from vlaprep.pipelines.sources.calvin import list_calvin_windows
+from vlaprep.pipelines.sources.rlds import rlds_shard_files
 from vlaprep.pipelines.job import DatasetInput
 from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.calvin import generate_calvin

@@ -21,16 +21,9 @@ from google.protobuf.message import DecodeError
 from tensorflow_datasets.proto import tf_example_pb2
 
 from vlaprep.pipelines import cli, safe_pickle
-from vlaprep.pipelines.sources import (
-    RecordDecodeError,
-    RLDSShard,
-    iter_tfrecord_file,
-    read_rlds_shard,
-    rlds_keys,
-    rlds_parser,
-    source_units,
-)
-from vlaprep.pipelines.sources.tfrecord import masked_crc32c
+from vlaprep.pipelines.sources import resolve_dataset
+from vlaprep.pipelines.sources.rlds import RecordDecodeError, RLDSShard, read_rlds_shard, rlds_keys, rlds_parser
+from vlaprep.pipelines.sources.tfrecord import iter_tfrecord_file, masked_crc32c
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.synthetic.calvin import generate_calvin
 from vlaprep.synthetic.rlds import generate_rlds
@@ -188,7 +181,7 @@ def test_missing_shard_quarantines_every_declared_record(rlds, tmp_path):
     assert [i.episode_id for i in items] == [f"{split}/{name}/{i}" for i in range(n)]
     assert all(isinstance(i, QuarantineRecord) and i.reason.startswith(f"missing shard file {name}: 0 of {n} declared records")
                for i in items)
-    unit = next(u for u in source_units(str(data), get_spec(NAME)) if u.name == name)
+    unit = next(u for u in resolve_dataset(NAME, str(data), get_spec(NAME)).units if u.name == name)
     assert unit.files == () and unit.declared == n  # nothing to hash; the fingerprint does not trip on it
 
 
@@ -397,13 +390,12 @@ def test_stats_cache_keys_short_shards_by_declared_count(damaged, damaged_stats,
 
 def test_leading_short_shards_keep_the_proprio_column(rlds, tmp_path):
     from vlaprep.pipelines.shards.job import probe_proprio_dims
-    from vlaprep.pipelines.job import DatasetInput
 
     data = _copy(rlds, tmp_path / "d")
     for _split, name in sorted(k for k in _declared(rlds) if k[0] == "train")[:2]:
         (data / name).write_bytes(b"")
-    assert probe_proprio_dims([DatasetInput(NAME, str(rlds), get_spec(NAME))]) == {NAME: 8}  # clean: bridge_orig's proprio width
-    assert probe_proprio_dims([DatasetInput(NAME, str(data), get_spec(NAME))]) == {NAME: 8}
+    assert probe_proprio_dims([resolve_dataset(NAME, str(rlds), get_spec(NAME))]) == {NAME: 8}  # clean: bridge_orig's proprio width
+    assert probe_proprio_dims([resolve_dataset(NAME, str(data), get_spec(NAME))]) == {NAME: 8}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,7 +551,8 @@ def test_calvin_user_errors_are_one_line_before_any_work(calvin, tmp_path, capsy
 
 
 def test_unsafe_annotations_error_is_still_an_unsafe_pickle_error(calvin, tmp_path):
-    from vlaprep.pipelines.sources import SourceError, list_calvin_windows
+    from vlaprep.pipelines.sources import SourceError
+    from vlaprep.pipelines.sources.calvin import list_calvin_windows
 
     root = _copy(calvin, tmp_path / "c")
     CALVIN_USER_ERRORS["annotations-unsafe"][0](root)

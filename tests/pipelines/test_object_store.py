@@ -190,7 +190,7 @@ def test_incremental_stats_in_the_bucket(tmp_path, gcs_prefix, rlds_dir, calvin_
     # Change one CALVIN frame's relative action, in the bucket and in a local copy for the reference.
     local_copy = tmp_path / "calvin"
     paths.copy_tree(calvin, str(local_copy))
-    from vlaprep.pipelines.sources import calvin_frame_path, list_calvin_windows
+    from vlaprep.pipelines.sources.calvin import calvin_frame_path, list_calvin_windows
 
     window = list_calvin_windows(str(local_copy))[0]
     frame = local_copy / calvin_frame_path(window.split_dir, window.start + 1)

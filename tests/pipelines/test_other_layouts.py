@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vlaprep.pipelines.sources import iter_unit_episodes, source_units
+from vlaprep.pipelines.sources import resolve_dataset
 from vlaprep.pipelines.job import DatasetInput
 from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.schemas.episode import Episode
@@ -81,7 +81,8 @@ def rt1(tmp_path_factory):
 
 def test_encoded_tensors_and_raw_pixels_decode(rt1):
     spec = get_spec("fractal20220817_data")
-    episodes = [e for u in source_units(str(rt1), spec) for e in iter_unit_episodes(u, spec, ("primary",)) if isinstance(e, Episode)]
+    dataset = resolve_dataset(spec.name, str(rt1), spec)
+    episodes = [e for u in dataset.units for e in dataset.iter_episodes(u, ("primary",)) if isinstance(e, Episode)]
     assert len(episodes) == 9
     expected = {ep["text"]: ep for ep in _episodes(9)}
     for e in episodes:

@@ -8,7 +8,8 @@ import yaml
 
 from vlaprep.pipelines import cli
 from vlaprep.pipelines.run_job import RunConfigError, load_run_config, run_pipeline_config, status
-from vlaprep.pipelines.sources import list_calvin_windows, rlds_shard_files
+from vlaprep.pipelines.sources.calvin import list_calvin_windows
+from vlaprep.pipelines.sources.rlds import rlds_shard_files
 from vlaprep.synthetic.calvin import generate_calvin
 from vlaprep.synthetic.model import build_tiny_llava
 from vlaprep.synthetic.rlds import generate_rlds
@@ -170,7 +171,7 @@ def test_changed_dataset_recomputes_only_that_dataset(workspace, tmp_path):
 
     import numpy as np
 
-    from vlaprep.pipelines.sources import calvin_frame_path
+    from vlaprep.pipelines.sources.calvin import calvin_frame_path
 
     shutil.copytree(workspace / "calvin", tmp_path / "calvin")
     raw = yaml.safe_load((workspace / "run.yaml").read_text())

@@ -22,7 +22,7 @@ from apache_beam import Create, Map
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from vlaprep.pipelines import sources
+from vlaprep.pipelines.sources import resolve_dataset
 from vlaprep.pipelines.shards.beam import EncodeEpisodes, WriteShards
 from vlaprep.pipelines.shards.options import EMPTY_LANGUAGE_REASON, ShardOptions
 from vlaprep.pipelines.shards.rows import EncoderConfig, EpisodeEncoder
@@ -49,7 +49,8 @@ def data(tmp_path_factory):
                          empty_language_fraction=0.0)
     tokenizer = build_llama_like_tokenizer(root / "tokenizer")
     spec = get_spec(NAME)
-    episodes = [e for u in sources.source_units(str(rlds), spec) for e in sources.iter_unit_episodes(u, spec, ("primary",))
+    dataset = resolve_dataset(spec.name, str(rlds), spec)
+    episodes = [e for u in dataset.units for e in dataset.iter_episodes(u, ("primary",))
                 if isinstance(e, Episode)]
     actions = np.concatenate([spec.transform(e.steps).action for e in episodes]).astype(np.float64)
     block = {"mean": actions.mean(0).tolist(), "std": actions.std(0).tolist(), "min": actions.min(0).tolist(),

@@ -19,7 +19,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vlaprep.pipelines import cli, sources
+from vlaprep.pipelines import cli
+from vlaprep.pipelines.sources import resolve_dataset
+from vlaprep.pipelines.sources.calvin import calvin_frame_path, list_calvin_windows
 from vlaprep.pipelines.shards import beam as shards_beam
 from vlaprep.pipelines.shards import publish as shards_publish
 from vlaprep.pipelines.shards.beam import _EncodeEpisodeFn
@@ -79,7 +81,8 @@ def data(tmp_path_factory):
 
 def source_episodes(item: DatasetInput, roles):
     """Every source record of the dataset: Episode, or QuarantineRecord for unreadable ones."""
-    return [e for u in sources.source_units(item.path, item.spec) for e in sources.iter_unit_episodes(u, item.spec, roles)]
+    dataset = resolve_dataset(item.name, item.path, item.spec)
+    return [e for u in dataset.units for e in dataset.iter_episodes(u, roles)]
 
 
 def run(data, out, beam_args=IN_MEMORY, datasets=("bridge_orig", "calvin"), **kw):
@@ -588,8 +591,8 @@ def _edited_calvin_copy(data, tmp_path):
 
     calvin = tmp_path / "calvin"
     shutil.copytree(next(i.path for i in data["inputs"] if i.name == "calvin"), calvin)
-    window = sources.list_calvin_windows(str(calvin))[0]
-    frame = sources.calvin_frame_path(window.split_dir, window.start + 1)
+    window = list_calvin_windows(str(calvin))[0]
+    frame = calvin_frame_path(window.split_dir, window.start + 1)
     with np.load(frame) as z:
         arrays = dict(z)
     arrays["rel_actions"] = np.clip(arrays["rel_actions"] + 0.25, -1, 1)

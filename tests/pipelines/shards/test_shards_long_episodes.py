@@ -21,7 +21,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vlaprep.pipelines import cli, sources
+from vlaprep.pipelines import cli
+from vlaprep.pipelines.sources import resolve_dataset
 from vlaprep.pipelines.shards import rows as shards_rows
 from vlaprep.pipelines.shards import write as shards_write
 from vlaprep.pipelines.shards.job import run_shards
@@ -73,7 +74,8 @@ def encoder(data, name, chunk_rows, **kw):
 
 def episodes_of(data, name, roles=("primary",)):
     item = data["inputs"][name]
-    return [e for u in sources.source_units(item.path, item.spec) for e in sources.iter_unit_episodes(u, item.spec, roles)
+    dataset = resolve_dataset(item.name, item.path, item.spec)
+    return [e for u in dataset.units for e in dataset.iter_episodes(u, roles)
             if isinstance(e, Episode)]
 
 

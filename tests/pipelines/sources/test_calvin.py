@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vlaprep.pipelines import safe_pickle
-from vlaprep.pipelines.sources import ReadDataset, source_units
+from vlaprep.pipelines.sources import ReadDataset, resolve_dataset
 from vlaprep.pipelines.sources.calvin import list_calvin_windows
 from vlaprep.synthetic.calvin import generate_calvin, rel_actions
 from vlaprep.transforms.registry import get_spec
@@ -16,7 +16,7 @@ from vlaprep.transforms.registry import get_spec
 
 def test_read_calvin_windows_and_rel_actions(calvin, tmp_path, collect):
     spec = get_spec("calvin_recomputed")  # reads `actions` too, so rel_actions can be checked
-    episodes, quarantined = collect(ReadDataset(str(calvin), spec, image_roles=("primary", "wrist")), tmp_path)
+    episodes, quarantined = collect(ReadDataset(resolve_dataset(spec.name, str(calvin), spec), image_roles=("primary", "wrist")), tmp_path)
     assert quarantined == []
     windows = list_calvin_windows(str(calvin))
     assert sorted(e.episode_id for e in episodes) == sorted(w.episode_id for w in windows)
@@ -30,7 +30,7 @@ def test_read_calvin_windows_and_rel_actions(calvin, tmp_path, collect):
 
 def test_calvin_units_cover_every_window_once(calvin):
     spec = get_spec("calvin")
-    units = source_units(str(calvin), spec)
+    units = list(resolve_dataset(spec.name, str(calvin), spec).units)
     windows = [w for u in units for w in u.items]
     assert [w.episode_id for w in windows] == [w.episode_id for w in list_calvin_windows(str(calvin))]
     for unit in units:  # a unit's files are the frames its windows read, and only those
@@ -42,7 +42,7 @@ def test_calvin_units_cover_every_window_once(calvin):
 def test_calvin_faults_are_quarantined(tmp_path, collect):
     root = generate_calvin(tmp_path / "c", frames=300, seed=3, image_static=8, image_gripper=8,
                            missing_frame_in_window=True, window_past_segment=True)
-    episodes, quarantined = collect(ReadDataset(str(root), get_spec("calvin")), tmp_path / "out")
+    episodes, quarantined = collect(ReadDataset(resolve_dataset("calvin", str(root), get_spec("calvin"))), tmp_path / "out")
     windows = list_calvin_windows(str(root))
     assert len(episodes) + len(quarantined) == len(windows)
     reasons = sorted(q.reason for q in quarantined)

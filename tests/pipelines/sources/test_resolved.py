@@ -1,5 +1,5 @@
 """The typed source layer: one Source per format, and a ResolvedDataset that reads a dataset's metadata once,
-pickles to workers, and gives the episodes the (path, spec) functions give."""
+pickles to workers, and and reads the same episodes with one parser as unit by unit."""
 
 import collections
 import pickle
@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 
 from vlaprep import paths
-from vlaprep.pipelines.sources import (
-    SOURCES,
-    ReadDataset,
-    Source,
-    iter_unit_episodes,
-    resolve_dataset,
-    source_files,
-    source_units,
-    unit_parser,
-)
+from vlaprep.pipelines.sources import SOURCES, ReadDataset, Source, resolve_dataset
 from vlaprep.pipelines.sources.base import register_source
 from vlaprep.schemas.episode import Episode
 from vlaprep.transforms.base import SourceFormat
@@ -107,15 +98,15 @@ def test_resolved_dataset_pickles_and_reads_the_same_after(request, name, fixtur
 
 
 @pytest.mark.parametrize("name, fixture, roles, episodes", CASES)
-def test_resolved_dataset_gives_what_the_path_functions_give(request, name, fixture, roles, episodes):
+def test_one_parser_for_every_unit_reads_what_each_unit_read_alone_reads(request, name, fixture, roles, episodes):
     path, spec = str(request.getfixturevalue(fixture)), get_spec(name)
     dataset = resolve_dataset(name, path, spec)
-    units = source_units(path, spec)
-    assert list(dataset.units) == units and list(dataset.files) == source_files(path, spec)
-    expected = [_comparable(e) for u in units for e in iter_unit_episodes(u, spec, roles, unit_parser(spec, u, roles))]
+    alone = [_comparable(e) for u in dataset.units for e in resolve_dataset(name, path, spec).iter_episodes(u, roles)]
     parser = dataset.parser(roles)
-    got = [_comparable(e) for u in dataset.units for e in dataset.iter_episodes(u, roles, parser)]
-    assert got == expected and len(got) == episodes
+    shared = [_comparable(e) for u in dataset.units for e in dataset.iter_episodes(u, roles, parser)]
+    ids = [e[1] if isinstance(e, tuple) else e.episode_id for e in shared]
+    assert shared == alone and len(shared) == episodes and len(set(ids)) == episodes
+    assert set(dataset.files) >= {f for u in dataset.units for f in u.files + u.shared}
 
 
 def test_read_dataset_of_a_resolved_dataset(rlds, tmp_path, collect):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vlaprep.pipelines.sources import ReadDataset, SourceError, source_units
+from vlaprep.pipelines.sources import ReadDataset, SourceError, resolve_dataset
 from vlaprep.pipelines.sources.rlds import read_rlds_shard, resolve_rlds_version_dir
 from vlaprep.schemas.episode import Episode, QuarantineRecord
 from vlaprep.transforms.registry import get_spec
@@ -16,7 +16,7 @@ from vlaprep.transforms.registry import get_spec
 
 def test_read_rlds_matches_tfds(rlds, tmp_path, collect):
     spec = get_spec("bridge_orig")
-    episodes, quarantined = collect(ReadDataset(str(rlds), spec, image_roles=("primary",)), tmp_path)
+    episodes, quarantined = collect(ReadDataset(resolve_dataset(spec.name, str(rlds), spec), image_roles=("primary",)), tmp_path)
     assert quarantined == []
     builder = tfds.builder_from_directory(str(rlds))
     expected = {}
@@ -50,7 +50,7 @@ def test_corrupt_shard_quarantines_every_unread_record(rlds, tmp_path, damage):
     copy = tmp_path / "copy"
     shutil.copytree(rlds, copy)
     spec = get_spec("bridge_orig")
-    (shard,) = next(u for u in source_units(str(copy), spec) if u.prefix.startswith("train/")).items
+    (shard,) = next(u for u in resolve_dataset(spec.name, str(copy), spec).units if u.prefix.startswith("train/")).items
     path = copy / shard.filename
     data = bytearray(path.read_bytes())
     if damage == "truncate":

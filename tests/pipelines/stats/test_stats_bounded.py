@@ -18,7 +18,7 @@ import apache_beam as beam
 from apache_beam.metrics import monitoring_infos
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.sources import resolve_dataset
 from vlaprep.pipelines.stats.beam import build_stats_pipeline
 from vlaprep.pipelines.stats.job import StatsFinalizer
 from vlaprep.synthetic.calvin import generate_calvin
@@ -49,8 +49,8 @@ def test_no_pcollection_of_the_statistics_pipeline_grows_with_the_episodes(tmp_p
     )
     assert rlds_episodes >= 5 * rlds_units  # the premise: many episodes per unit
     inputs = [
-        DatasetInput("bridge_orig", str(rlds), get_spec("bridge_orig")),
-        DatasetInput("calvin", str(calvin), get_spec("calvin")),
+        resolve_dataset("bridge_orig", str(rlds), get_spec("bridge_orig")),
+        resolve_dataset("calvin", str(calvin), get_spec("calvin")),
     ]
     out = tmp_path / "stats"
     out.mkdir()

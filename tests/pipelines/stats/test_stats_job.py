@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlaprep.pipelines import cli
-from vlaprep.pipelines.sources import list_calvin_windows, load_calvin_window
+from vlaprep.pipelines.sources.calvin import list_calvin_windows, load_calvin_window
 from vlaprep.pipelines.job import DatasetInput
 from vlaprep.pipelines.stats.job import run_stats
 from vlaprep.synthetic.calvin import generate_calvin

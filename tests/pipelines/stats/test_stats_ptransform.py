@@ -20,7 +20,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that
 
-from vlaprep.pipelines.job import DatasetInput
+from vlaprep.pipelines.sources import resolve_dataset
 from vlaprep.pipelines.stats.beam import ComputeDatasetStatistics, ProjectUnits
 from vlaprep.pipelines.stats.cache import UnitSummary, plan_units, write_projection
 from vlaprep.pipelines.stats.failure import FAILURE_FILE
@@ -91,10 +91,11 @@ def _sorted_rows(rows: np.ndarray) -> np.ndarray:
     return rows[np.lexsort(rows.T[::-1])]
 
 
-def _project(tasks, output_dir, check=None) -> dict[str, int]:
-    """Run ``ProjectUnits`` over ``tasks`` (``check``: a matcher of the summaries); -> its Beam counters by name."""
+def _project(dataset, tasks, output_dir, check=None) -> dict[str, int]:
+    """Run ``ProjectUnits`` over ``tasks`` of ``dataset`` (``check``: a matcher of the summaries); -> its Beam
+    counters by name."""
     pipeline = BeamTestPipeline()
-    summaries = pipeline | beam.Create(tasks) | ProjectUnits({"bridge_orig": BRIDGE}, False, str(output_dir))
+    summaries = pipeline | beam.Create(tasks) | ProjectUnits([dataset], False, str(output_dir))
     if check is not None:
         assert_that(summaries, check)
     result = pipeline.run()
@@ -129,9 +130,10 @@ def _projected_actions(output_dir) -> np.ndarray:
 
 
 def test_project_units_writes_each_units_transformed_rows(tmp_path, bridge, bridge_reference):
-    tasks = plan_units([DatasetInput("bridge_orig", str(bridge), BRIDGE)], False, str(tmp_path))
+    dataset = resolve_dataset("bridge_orig", str(bridge), BRIDGE)
+    tasks = plan_units([dataset], False, str(tmp_path))
     assert len(tasks) > 1 and not any(t.cached for t in tasks)
-    counters = _project(tasks, tmp_path, _check_against_reference(tasks, bridge_reference))
+    counters = _project(dataset, tasks, tmp_path, _check_against_reference(tasks, bridge_reference))
     assert counters == {"stats_units_read": len(tasks)}
     got = _projected_actions(tmp_path)
     assert got.dtype == np.float32
@@ -141,26 +143,26 @@ def test_project_units_writes_each_units_transformed_rows(tmp_path, bridge, brid
 def test_project_units_reads_a_cached_unit_from_its_projection_only(tmp_path, bridge, bridge_reference):
     data = tmp_path / "data"
     shutil.copytree(bridge, data)
-    inputs = [DatasetInput("bridge_orig", str(data), BRIDGE)]
+    inputs = [resolve_dataset("bridge_orig", str(data), BRIDGE)]
     out = tmp_path / "out"
-    _project(plan_units(inputs, False, str(out)), out)
+    _project(inputs[0], plan_units(inputs, False, str(out)), out)
     tasks = plan_units(inputs, False, str(out))
     assert tasks and all(t.cached for t in tasks)
     for name in os.listdir(data):  # the sources are gone: only the projections can answer
         if ".tfrecord-" in name:
             os.remove(data / name)
-    counters = _project(tasks, out, _check_against_reference(tasks, bridge_reference))
+    counters = _project(inputs[0], tasks, out, _check_against_reference(tasks, bridge_reference))
     assert counters == {"stats_units_reused": len(tasks)}
 
 
 def test_project_units_notes_an_unreadable_projection_for_the_driver(tmp_path, bridge):
-    inputs = [DatasetInput("bridge_orig", str(bridge), BRIDGE)]
-    _project(plan_units(inputs, False, str(tmp_path)), tmp_path)
+    inputs = [resolve_dataset("bridge_orig", str(bridge), BRIDGE)]
+    _project(inputs[0], plan_units(inputs, False, str(tmp_path)), tmp_path)
     tasks = plan_units(inputs, False, str(tmp_path))
     with open(tasks[0].path, "wb") as f:
         f.write(b"PK\x03\x04 truncated")
     with pytest.raises(Exception, match="expected a readable cached projection"):
-        _project(tasks, tmp_path)
+        _project(inputs[0], tasks, tmp_path)
     with open(tmp_path / FAILURE_FILE) as f:
         note = json.load(f)
     assert note["error"] == "StatsCacheError"
