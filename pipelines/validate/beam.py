@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
+from vlaprep import paths
 from vlaprep.pipelines.validate.layout import ValidationLayout
 from vlaprep.pipelines.validate.metrics import MetricsSpec, model_accumulator, round_trip_accumulator
 from vlaprep.pipelines.validate.model import ModelSpec, VlaModelHandler
@@ -109,7 +109,7 @@ class ValidateShards(beam.PTransform):
     def expand(self, pbegin):
         layout, width = self._layout, self._layout.action_chunk * self._layout.action_dim
         spec = MetricsSpec.from_layout(layout)
-        all_files = [ReadTask(os.path.join(layout.root, path)) for path, _ in layout.files]
+        all_files = [ReadTask(paths.join(layout.root, path)) for path, _ in layout.files]
         round_trip = (
             pbegin
             | "ActionFiles" >> beam.Create(all_files)

@@ -31,7 +31,6 @@ import apache_beam as beam
 
 from vlaprep import paths
 from vlaprep.errors import in_chain
-from vlaprep.paths import confined
 from vlaprep.pipelines.job import beam_options, write_json_atomic
 from vlaprep.pipelines.validate.beam import ValidateShards
 from vlaprep.pipelines.validate.layout import ValidationError, load_layout
@@ -39,7 +38,7 @@ from vlaprep.pipelines.validate.metrics import ModelAccumulator, RoundTripAccumu
 from vlaprep.pipelines.validate.model import ModelSpec, check_model_dir, is_openvla_dir, model_kind, resolve_device
 from vlaprep.pipelines.validate.openvla import check_openvla_dependencies
 from vlaprep.schemas import load_json_schema, validate_json
-from vlaprep.schemas.layout import INPUTS_DIR, MANIFEST_FILE, PREDICTIONS_FILE, VALIDATION_REPORT_FILE, read_manifest
+from vlaprep.schemas.layout import PREDICTIONS_FILE, VALIDATION_REPORT_FILE
 
 PREDICTIONS_SCHEMA = "predictions"
 
@@ -91,30 +90,6 @@ def _read_lines(directory: str) -> list:
     return out
 
 
-def mirror_split(shards_dir: str, split: str, local_dir: str) -> str:
-    """Copy what validating ``split`` of a remote shards directory reads (the manifest, ``inputs/`` and the
-    split's files, checked against the manifest's sha256) into ``local_dir``; returns ``local_dir``."""
-    from vlaprep.pipelines.shards.write import file_sha256
-
-    fetched: dict[str, bytes] = {}
-
-    def read_bytes(path: str) -> bytes:  # keep the bytes read: the mirror gets them as they are
-        fetched[path] = paths.read_bytes(path)
-        return fetched[path]
-
-    manifest = read_manifest(shards_dir, read_bytes)
-    (manifest_bytes,) = fetched.values()
-    paths.write_bytes_atomic(os.path.join(local_dir, MANIFEST_FILE), manifest_bytes)
-    for name, _size in paths.list_files(paths.join(shards_dir, INPUTS_DIR)):
-        paths.copy_file(paths.join(shards_dir, INPUTS_DIR, name), os.path.join(local_dir, INPUTS_DIR, name))
-    for entry in manifest.files(split):
-        local = confined(local_dir, entry.path, f"{MANIFEST_FILE} 'files'")
-        paths.copy_file(manifest.path(entry.path), local)
-        if file_sha256(local) != entry.sha256:
-            raise ValidationError(f"expected {entry.path} with sha256 {entry.sha256} in {shards_dir!r}, got another digest")
-    return local_dir
-
-
 def run_validate(
     shards_dir: str,
     model_dir: str,
@@ -144,25 +119,11 @@ def run_validate(
     check_model_dir(model_dir, kind)  # missing / truncated files: one line naming the file
     if trust_remote_code and is_openvla_dir(model_dir):
         check_openvla_dependencies()  # timm / torchvision: one line saying what to install
-    # Inference runs where the accelerator is; shards in an object store are fetched (one split) first.
-    mirror = tempfile.mkdtemp(prefix="vlaprep-validate-shards-") if paths.is_remote(shards_dir) else None
-    try:
-        if mirror is not None:
-            log(f"[validate] fetching {split} of {shards_dir} to {mirror}")
-            if statistics is not None and paths.is_remote(statistics):
-                paths.copy_file(statistics, os.path.join(mirror, "statistics-override.json"))
-                statistics = os.path.join(mirror, "statistics-override.json")
-            mirror_split(shards_dir, split, mirror)
-        return _run_validate(shards_dir, mirror or shards_dir, model_dir, output_dir, kind, split, batch_size, device,
-                             max_samples, trust_remote_code, statistics, beam_args, log, started)
-    finally:
-        if mirror is not None:
-            shutil.rmtree(mirror, ignore_errors=True)
-
-
-def _run_validate(shards_dir, local_shards, model_dir, output_dir, kind, split, batch_size, device, max_samples,
-                  trust_remote_code, statistics, beam_args, log, started) -> ValidationResult:
-    layout = load_layout(local_shards, split, statistics)
+    # Shards in an object store are read where they are (``layout.open_parquet``), each file's sha256
+    # checked once against the manifest; inference runs where the accelerator is.
+    if paths.is_remote(shards_dir):
+        log(f"[validate] reading {split} of {shards_dir} in place (each file's sha256 checked against the manifest)")
+    layout = load_layout(shards_dir, split, statistics)
     tok = layout.tokenizer
     spec = ModelSpec(
         path=os.path.abspath(model_dir),
@@ -218,7 +179,6 @@ def _run_validate(shards_dir, local_shards, model_dir, output_dir, kind, split, 
         max_samples=max_samples,
         wall_seconds=time.time() - started,
     )
-    report["shards"] = shards_dir  # where the shards are, not the local copy that was read
     validate_json(report, "validation_report")
     validate_predictions(predictions)
     predictions_path = paths.join(output_dir, PREDICTIONS_FILE)

@@ -11,6 +11,11 @@ directory. Fields used:
 The action width D is read from the Parquet schema (``action`` column) and checked against
 ``options.action_dim``.
 
+A shard directory in an object store (``gs://...``) is read where it is, as the loader reads it: each
+file of the split is streamed once to check its sha256 against the manifest (a mismatch is an error
+naming the file), then workers read only the footers and row groups they need (``open_parquet``);
+nothing is copied to local disk first.
+
 ``ValidationError`` is the stage's one user-facing error (every module of the package raises it).
 Imports neither Beam nor torch.
 """
@@ -26,6 +31,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from vlaprep import paths
 from vlaprep.errors import UserError
 from vlaprep.schemas.layout import MANIFEST_FILE, TRAIN, Manifest, read_manifest
 from vlaprep.schemas.shards import Column
@@ -79,10 +85,31 @@ class ValidationLayout:
         return ActionTokenizer.from_encoding(self.action_encoding, vocab_size=self.vocab_size, n_bins=self.n_bins)
 
 
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A shard file for reading its footer and row groups: a local path as is (memory-mapped reads), an
+    object-store URL through its filesystem's seekable stream (range reads of what is asked for only)."""
+    return pq.ParquetFile(paths.open_read(path) if paths.is_remote(path) else path)
+
+
+def _check_remote_digests(manifest: Manifest, entries) -> None:
+    """Stream every remote file of the split once and compare its sha256 with the manifest's (what ``vlaprep
+    shards`` wrote is what is validated); local files are the writer's own and are not re-hashed."""
+    for entry in entries:
+        full = manifest.path(entry.path)
+        digest = hashlib.sha256()
+        with paths.open_read(full) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry.sha256:
+            raise ValidationError(
+                f"expected {entry.path} with sha256 {entry.sha256} (manifest), got {digest.hexdigest()} from {full}; "
+                "hint: the file changed after vlaprep shards wrote it: rewrite the shards"
+            )
+
+
 def _load_statistics_file(path: str, expected_sha256: str, what: str):
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = paths.read_bytes(path)
     except FileNotFoundError:
         raise ValidationError(f"expected {what} at {path!r}, got no such file; hint: pass --statistics FILE") from None
     digest = hashlib.sha256(data).hexdigest()
@@ -116,7 +143,7 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
     Raises ``vlaprep.schemas.layout.ManifestError`` for a missing manifest or one that is not what vlaprep shards writes."""
     root = os.fspath(shards_dir)
     manifest = read_manifest(root)
-    manifest_path = os.path.join(root, MANIFEST_FILE)
+    manifest_path = paths.join(root, MANIFEST_FILE)
     entries = manifest.files(split)
     if not entries:
         splits = sorted({f.split for f in manifest.files()})
@@ -132,8 +159,10 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
     vocab_size = int(options["vocab_size"])
     n_bins = int(options["n_bins"])
 
+    if paths.is_remote(root):
+        _check_remote_digests(manifest, entries)
     first = manifest.path(files[0][0])
-    schema = pq.read_schema(first)
+    schema = open_parquet(first).schema_arrow
     if Column.ACTION not in schema.names or Column.ACTION_TOKEN_IDS not in schema.names:
         raise ValidationError(f"expected the shard columns of schemas/shards.py in {first}, got {schema.names!r}")
     dim = schema.field(Column.ACTION).type.list_size
@@ -148,10 +177,11 @@ def load_layout(shards_dir: str, split: str = "heldout", statistics_path: str | 
     dataset_rows: dict[str, int] = {}
     for path, rows in files:
         full = manifest.path(path)
-        metadata_rows = pq.read_metadata(full).num_rows
+        parquet = open_parquet(full)
+        metadata_rows = parquet.metadata.num_rows
         if metadata_rows != rows:
             raise ValidationError(f"expected {rows} rows in {full} (manifest), got {metadata_rows}")
-        names = pq.read_table(full, columns=[Column.DATASET_NAME]).column(0).value_counts()
+        names = parquet.read(columns=[Column.DATASET_NAME]).column(0).value_counts()
         for item in names.to_pylist():
             dataset_rows[item["values"]] = dataset_rows.get(item["values"], 0) + int(item["counts"])
     statistics, source = _resolve_statistics(manifest, statistics_path)

@@ -9,14 +9,13 @@ Work items: ``ReadTask`` (one file, all rows or the ascending file-local rows ``
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from vlaprep.pipelines.validate.layout import ValidationLayout
+from vlaprep import paths
+from vlaprep.pipelines.validate.layout import ValidationLayout, open_parquet
 from vlaprep.schemas.shards import Column
 
 ROUND_TRIP_BATCH_ROWS = 4096
@@ -81,7 +80,7 @@ def model_read_tasks(layout: ValidationLayout, max_samples: int | None) -> list[
     for path, rows in layout.files:
         local = tuple(i - offset for i in indices if offset <= i < offset + rows)
         if local:
-            tasks.append(ReadTask(os.path.join(layout.root, path), local))
+            tasks.append(ReadTask(paths.join(layout.root, path), local))
         offset += rows
     return tasks
 
@@ -93,7 +92,7 @@ def _fixed_list(column, width: int, dtype) -> np.ndarray:
 
 def read_action_batches(task: ReadTask, width: int):
     """Yields ``ActionBatch`` elements (grouped by dataset) for every row of ``task.path``."""
-    source = pq.ParquetFile(task.path)
+    source = open_parquet(task.path)
     for group in range(source.num_row_groups):
         table = source.read_row_group(group, columns=list(_ACTION_COLUMNS))
         for start in range(0, table.num_rows, ROUND_TRIP_BATCH_ROWS):
@@ -111,7 +110,7 @@ def read_action_batches(task: ReadTask, width: int):
 
 def read_shard_rows(task: ReadTask, width: int):
     """Yields one ``ShardRow`` per selected row of ``task.path`` (only the row groups that hold them are read)."""
-    source = pq.ParquetFile(task.path)
+    source = open_parquet(task.path)
     wanted = sorted(task.indices) if task.indices is not None else range(source.metadata.num_rows)
     start = 0
     for group in range(source.num_row_groups):

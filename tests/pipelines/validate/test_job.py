@@ -537,3 +537,45 @@ def test_predictions_jsonl_matches_its_schema(validated):
     for record in broken:
         with pytest.raises(jsonschema.ValidationError):
             validate_predictions([good, record])
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards in an object store: read in place, each file checked against the manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def _without_timings(report: dict) -> dict:
+    """The report without what names where the shards are (``shards``, the statistics copy) and timings."""
+    report = json.loads(json.dumps(report))
+    report.pop("shards")
+    report["manifest"].pop("statistics")
+    report.pop("wall_seconds", None)
+    model = report.get("model", {})
+    for key in [k for k in model if "seconds" in k or k == "samples_per_second"]:
+        model.pop(key)
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_shards_in_a_bucket_are_read_in_place_and_a_changed_file_is_refused(tiny, two_datasets, gcs_prefix, tmp_path):
+    from vlaprep import paths
+
+    remote = paths.join(gcs_prefix, "shards")
+    paths.copy_tree(two_datasets["root"], remote)
+    kw = dict(device="cpu", max_samples=5, batch_size=2, beam_args=IN_PROCESS, log=lambda m: None)
+    local = run_validate(two_datasets["root"], tiny["model_dir"], str(tmp_path / "local"), **kw)
+    streamed = run_validate(remote, tiny["model_dir"], str(tmp_path / "remote"), **kw)
+    assert streamed.report["shards"] == remote
+    assert streamed.report["manifest"]["statistics"] == paths.join(remote, "inputs", "dataset_statistics.json")
+    assert _without_timings(streamed.report) == _without_timings(local.report)
+    with open(streamed.predictions_path) as a, open(local.predictions_path) as b:
+        assert a.read() == b.read()
+    assert not list(tmp_path.glob("**/*.parquet"))  # nothing was copied to local disk
+
+    manifest = json.loads(paths.read_text(paths.join(remote, "manifest.json")))
+    victim = next(f["path"] for f in manifest["files"] if f["split"] == "heldout")
+    data = bytearray(paths.read_bytes(paths.join(remote, victim)))
+    data[len(data) // 2] ^= 0xFF
+    paths.write_bytes_atomic(paths.join(remote, victim), bytes(data))
+    with pytest.raises(ValidationError, match=f"expected {victim} with sha256 .* got"):
+        run_validate(remote, tiny["model_dir"], str(tmp_path / "tampered"), **kw)
