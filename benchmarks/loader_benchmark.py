@@ -1,21 +1,33 @@
 """Loader throughput against the online reference-style pipeline, with a 3-dataset mixture, and from GCS.
 
-    python benchmarks/loader_benchmark.py [--small 40] [--large 120] [--reps 2] [--data DIR]
+    python benchmarks/loader_benchmark.py [--small 40] [--large 240] [--reps 7] [--data DIR] [--no-gcs]
 
 In one run, on generated Bridge-like RLDS data (256x256 JPEG cameras; `vlaprep shards` at 224 px), as
-whole processes, alternating (A B C D A B C D ...), medians of --reps after a warm-up round:
+whole processes, alternating (A B C D, B C D A, ...), medians of --reps after a warm-up round:
 
   online     the reference way to build the same samples per training step: tf.data over the builder,
              decode + lanczos3 resize + per-sample prompt tokenization (benchmarks/shards_benchmark.py)
   loader     ShardDataset(batch_size=32, pixel_dtype="uint8") in a DataLoader with 2 workers (batches
              assembled column-wise in the workers)                              -> target >= 5x online
-  mixture    the same shards rewritten as 3 datasets (episodes dealt round-robin), mixture="manifest"
-                                                                                -> target >= 0.90x loader
+  mixture    the same shards rewritten as 3 datasets (episodes dealt round-robin, written with the shard
+             writer's Parquet settings), mixture="manifest"                     -> target >= 0.90x loader
+  aligned    the mixture again, each dataset's rows starting a new row group (the writer does not; a row
+             group holding two datasets' rows is decoded by each worker that reads one of them)
   gcs        loader over the same shards uploaded to the local GCS emulator (pyarrow GcsFileSystem,
-             each file hashed by streaming it once, then read with range requests)  -> vs loader
+             each file hashed by streaming it once, then read with range requests)  -> vs loader;
+             the emulator (a Python server that copies the whole object for every range request)
+             runs on the same 2 cores, outside the measured process tree's CPU
 
 Rates are marginal (extra items / extra wall between the two sizes), so each program's start-up
-(imports, worker processes, tokenizer load) cancels. The first line is the cost of ``verify_sha256``.
+(imports, worker processes, tokenizer load) cancels; ratios are given of the median rates and as the
+median (min..max) of the per-repeat ratios (each repeat runs every program once, back to back). CPU
+per sample (user + sys of the process tree, marginal the same way) is printed too: on a busy machine
+it moves less than wall time. The first line is the cost of ``verify_sha256``.
+
+The emulator runs with a threaded HTTP server (``EMULATOR``): its own is single-threaded, and pyarrow's
+GCS client opens a whole-object download that it does not drain before the next (range) request, so
+that request waits behind a blocked response for any object larger than the socket buffers (a few MB)
+and pyarrow gives up with DEADLINE_EXCEEDED -- what timed out on the 64 MB files before, not their size.
 """
 
 from __future__ import annotations
@@ -79,12 +91,16 @@ def hash_cost(shards: str) -> str:
             f"(no workers): {epoch:.2f} s ({n} samples); hashing = {100 * hashing / epoch:.1f}% of an epoch")
 
 
-def as_three_datasets(src: str, dst: str) -> None:
+def as_three_datasets(src: str, dst: str, aligned: bool = False) -> None:
     """Rewrite a one-dataset shards output as 3 datasets (episode k -> bridge_{a,b,c}[k % 3]): rows sorted by
-    (dataset, episode) per file as the writer sorts them; manifest, statistics copy and digests updated."""
+    (dataset, episode) per file as the writer sorts them, row groups of the source's size (``aligned``: each
+    dataset's rows start a new row group, which the writer does not do); manifest, statistics copy and
+    digests updated."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from vlaprep.pipelines.shards.options import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
 
     shutil.copytree(src, dst)
     with open(os.path.join(dst, "manifest.json")) as f:
@@ -103,8 +119,18 @@ def as_three_datasets(src: str, dst: str) -> None:
                                  pa.array([order[e] for e in episodes], pa.string()))
         idx = pc.sort_indices(table, sort_keys=[("dataset_name", "ascending"), ("episode_id", "ascending"), ("step_index", "ascending")])
         table = table.take(idx)
-        meta = pq.read_metadata(path)
-        pq.write_table(table, path, row_group_size=meta.row_group(0).num_rows, compression="zstd")
+        row_group = pq.read_metadata(path).row_group(0).num_rows
+        names_in_order = table["dataset_name"].to_pylist()
+        starts = [i for i in range(len(names_in_order)) if i == 0 or names_in_order[i] != names_in_order[i - 1]]
+        runs = list(zip(starts, starts[1:] + [len(names_in_order)])) if aligned else [(0, len(names_in_order))]
+        # The shard writer's settings (pipelines/shards/write.py): with pyarrow's defaults instead (dictionary
+        # pages for the images, zstd level 3) the files read ~2x slower and the mixture's figure measured that.
+        binary = [f.name for f in table.schema if f.type == pa.binary()]
+        with pq.ParquetWriter(path, table.schema, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+                              use_dictionary=[f.name for f in table.schema if f.type == pa.string()],
+                              write_statistics=[f.name for f in table.schema if f.name not in binary]) as writer:
+            for lo, hi in runs:  # each write_table call ends its last row group
+                writer.write_table(table.slice(lo, hi - lo), row_group_size=row_group)
         with open(path, "rb") as f:
             data = f.read()
         entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
@@ -138,11 +164,23 @@ def as_three_datasets(src: str, dst: str) -> None:
         json.dump(manifest, f, indent=2)
 
 
-def start_emulator() -> tuple[subprocess.Popen, str]:
+# gcp-storage-emulator's server, threaded (see the module docstring).
+EMULATOR = textwrap.dedent(
+    """
+    import http.server
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.__main__ import main
+    server.server.HTTPServer = http.server.ThreadingHTTPServer
+    main()
+    """
+)
+
+
+def start_emulator(launcher: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([PY, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
+    proc = subprocess.Popen([PY, launcher, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
                              "--default-bucket=bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         with socket.socket() as s:
@@ -153,23 +191,26 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
     raise TimeoutError("gcp-storage-emulator did not start")
 
 
+def marginal(items: dict, walls: dict, program: str) -> float:
+    """Extra items / extra seconds from the small to the large size."""
+    return (items["large"][program] - items["small"][program]) / (walls["large"][program] - walls["small"][program])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=40)
-    parser.add_argument("--large", type=int, default=120)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--large", type=int, default=240)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--data", default=os.environ.get("VLAPREP_BENCH_DATA", "/tmp/vlaprep_bench"))
-    parser.add_argument("--gcs", action="store_true",
-                        help="also time the GCS emulator (gcp-storage-emulator serves ~64 MB objects too slowly for "
-                             "pyarrow's read deadline on 2 cores: DEADLINE_EXCEEDED; use small --target-shard-mb data)")
+    parser.add_argument("--no-gcs", dest="gcs", action="store_false", help="leave out the GCS emulator")
     args = parser.parse_args()
     sizes = {"small": args.small, "large": args.large}
     dirs = {k: ensure_dataset(args.data, n) for k, n in sizes.items()}
     scratch = tempfile.mkdtemp(prefix="vlaprep-loader-bench-")
-    emulator, host = start_emulator() if args.gcs else (None, "")
+    emulator, host = start_emulator(_script(scratch, "emulator", EMULATOR)) if args.gcs else (None, "")
     if args.gcs:
         os.environ["STORAGE_EMULATOR_HOST"] = host
-    programs = ("online", "loader", "mixture", "gcs") if args.gcs else ("online", "loader", "mixture")
+    programs = ("online", "loader", "mixture", "aligned") + (("gcs",) if args.gcs else ())
     runs = {k: {p: [] for p in programs} for k in sizes}
     items = {k: {} for k in sizes}
     try:
@@ -180,7 +221,7 @@ def main() -> None:
 
         tok = os.path.join(scratch, "tok")
         build_llama_like_tokenizer(tok)
-        shards, mixed, remote = {}, {}, {}
+        shards, mixed, aligned, remote = {}, {}, {}, {}
         for size, version_dir in dirs.items():
             stats = os.path.join(scratch, f"stats_{size}")
             subprocess.run([VLAPREP, "stats", "--dataset", f"bridge_orig={version_dir}", "--output", stats], check=True,
@@ -191,6 +232,8 @@ def main() -> None:
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             mixed[size] = os.path.join(scratch, f"mixed_{size}")
             as_three_datasets(shards[size], mixed[size])
+            aligned[size] = os.path.join(scratch, f"aligned_{size}")
+            as_three_datasets(shards[size], aligned[size], aligned=True)
             remote[size] = f"gs://bench/{size}"
             if args.gcs:
                 pafs.copy_files(shards[size], f"bench/{size}", destination_filesystem=_gcs_filesystem())
@@ -199,43 +242,61 @@ def main() -> None:
         script = _script(scratch, "loader", LOADER)
         online = _script(scratch, "online", ONLINE)
         for rep in range(args.reps + 1):
+            # Each repeat starts one program later: none always runs right after the memory-hungry online one.
+            order = programs[rep % len(programs):] + programs[:rep % len(programs)]
             for size in sizes:
-                for name in programs:
+                for name in order:
                     if name == "online":
                         m = measure([PY, online, dirs[size], tok, "100000000"])
                     elif name == "loader":
                         m = measure([PY, script, shards[size], "none"])
                     elif name == "mixture":
                         m = measure([PY, script, mixed[size], "manifest"])
+                    elif name == "aligned":
+                        m = measure([PY, script, aligned[size], "manifest"])
                     else:
                         m = measure([PY, script, remote[size], "none"])
                     if rep:
                         runs[size][name].append(m)
-                    print(f"  rep {rep} {size:5} {name:8} {m['wall']:7.2f} s", flush=True)
+                    print(f"  rep {rep} {size:5} {name:8} {m['wall']:7.2f} s wall {m['cpu']:7.2f} s cpu", flush=True)
         for size in sizes:
             from vlaprep.loader import ShardDataset
 
             rows = ShardDataset(shards[size], verify_sha256=False).worker_lengths(0)[0]
             mix_rows = ShardDataset(mixed[size], verify_sha256=False, mixture="manifest").mixture.epoch_length
-            items[size] = {"online": _count_frames(dirs[size], "train"), "loader": rows, "mixture": mix_rows, "gcs": rows}
+            items[size] = {"online": _count_frames(dirs[size], "train"), "loader": rows, "mixture": mix_rows,
+                           "aligned": mix_rows, "gcs": rows}
     finally:
         if emulator is not None:
             emulator.terminate()
             emulator.wait()
         shutil.rmtree(scratch, ignore_errors=True)
     med = {k: {p: statistics.median(m["wall"] for m in v) for p, v in r.items()} for k, r in runs.items()}
-    marginal = {p: (items["large"][p] - items["small"][p]) / (med["large"][p] - med["small"][p]) for p in programs}
-    print(f"{'program':>8} {'size':>6} {'items':>6} {'wall s':>8}")
+    med_cpu = {k: {p: statistics.median(m["cpu"] for m in v) for p, v in r.items()} for k, r in runs.items()}
+    med_rss = {k: {p: statistics.median(m["rss_mib"] for m in v) for p, v in r.items()} for k, r in runs.items()}
+    rates = {p: marginal(items, med, p) for p in programs}
+    cpu_per_item = {p: 1 / marginal(items, med_cpu, p) for p in programs}
+    per_rep = [{p: marginal(items, {k: {q: runs[k][q][i]["wall"] for q in programs} for k in sizes}, p) for p in programs}
+               for i in range(args.reps)]
+    print(f"{'program':>8} {'size':>6} {'items':>6} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}   (medians of {args.reps})")
     for p in programs:
         for size in sizes:
-            print(f"{p:>8} {sizes[size]:>6} {items[size][p]:>6} {med[size][p]:>8.2f}")
-    print("marginal rates (extra items / extra wall from small to large; start-up cancels):")
+            print(f"{p:>8} {sizes[size]:>6} {items[size][p]:>6} {med[size][p]:>8.2f} {med_cpu[size][p]:>8.2f} "
+                  f"{med_rss[size][p]:>9.0f}")
+    print("marginal (extra items / extra wall or cpu from small to large; start-up cancels):")
     for p in programs:
-        print(f"  {p:>8}: {marginal[p]:8.1f} samples/s")
-    print(f"loader (uint8, batch-level) vs online: {marginal['loader'] / marginal['online']:.2f}x (target >= 5)")
-    print(f"3-dataset mixture vs unmixed loader: {marginal['mixture'] / marginal['loader']:.2f}x (target >= 0.90)")
+        print(f"  {p:>8}: {rates[p]:8.1f} samples/s   {1e3 * cpu_per_item[p]:6.3f} cpu ms/sample")
+
+    def ratio(a: str, b: str, target: str) -> str:
+        each = sorted(r[a] / r[b] for r in per_rep)
+        return (f"{rates[a] / rates[b]:.2f}x of the medians; per repeat {statistics.median(each):.2f}x "
+                f"({each[0]:.2f}..{each[-1]:.2f}); cpu per sample {cpu_per_item[b] / cpu_per_item[a]:.2f}x{target}")
+
+    print(f"loader (uint8, batch-level) vs online: {ratio('loader', 'online', ' (target >= 5)')}")
+    print(f"3-dataset mixture vs unmixed loader: {ratio('mixture', 'loader', ' (target >= 0.90)')}")
+    print(f"  with row groups cut at dataset boundaries: {ratio('aligned', 'loader', '')}")
     if args.gcs:
-        print(f"GCS emulator vs local files: {marginal['gcs'] / marginal['loader']:.2f}x")
+        print(f"GCS emulator vs local files: {ratio('gcs', 'loader', '')}")
 
 
 if __name__ == "__main__":

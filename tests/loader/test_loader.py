@@ -337,14 +337,15 @@ def test_history_one_gives_single_frames(tmp_path):
 def test_each_frame_is_decoded_once_per_pass(tmp_path, monkeypatch, world_size):
     expected = write_shards(tmp_path, ONE_FILE if world_size > 1 else MANY_FILES, row_group_size=2)
     calls = collections.Counter()
-    original = loader.decode_frame
+    original = loader.decode_frames
 
-    def counting(data):
-        frame = original(data)  # [S, S, 3]
-        calls[tuple(int(v) for v in frame[0, 0, :])] += 1
-        return frame
+    def counting(images, *args, **kwargs):
+        frames = original(images, *args, **kwargs)  # [n, 3, S, S]
+        for frame in frames:
+            calls[tuple(int(v) for v in frame[:, 0, 0])] += 1
+        return frames
 
-    monkeypatch.setattr(loader, "decode_frame", counting)
+    monkeypatch.setattr(loader, "decode_frames", counting)
     seen = []
     for rank in range(world_size):
         ds = ShardDataset(tmp_path, rank=rank, world_size=world_size, history=4, shuffle_buffer=6)

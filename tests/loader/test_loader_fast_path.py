@@ -1,0 +1,249 @@
+"""The loader's fast paths against their references, on shards written by the real pipeline:
+
+* ``decode_frames``: vlaprep's own PNGs (stored deflate, filter "Up") decoded without PIL give exactly
+  PIL's pixels; every other image, or a damaged one, goes to PIL (same pixels, same errors).
+* Batches: whatever the fast decoder, the column-wise batches equal those built with PIL's decoder, and
+  ``collate_vla`` of the items.
+* ``_RowGroups``: streams that alternate within a file decode a shared row group once, and a group only
+  up to the last row a stream will read from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import pathlib
+import struct
+import zlib
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from vlaprep import loader
+from vlaprep.loader import FrameShapeError, ShardDataset, collate_vla, decode_frames
+from vlaprep.pipelines import cli
+from vlaprep.pipelines.shards.images import encode_png
+from vlaprep.schemas.shards import Column
+from vlaprep.synthetic.rlds import generate_rlds
+from vlaprep.synthetic.tokenizer import build_llama_like_tokenizer
+
+_spec = importlib.util.spec_from_file_location("loader_test_module", pathlib.Path(__file__).with_name("test_loader.py"))
+tl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tl)
+
+IN_MEMORY = "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two datasets with a wrist camera (OXE layouts), 24 px, action chunk 2, through `vlaprep stats` and
+    `vlaprep shards`."""
+    root = tmp_path_factory.mktemp("real")
+    a = generate_rlds(root / "a", layout="jaco_play", episodes=8, image_size=40, max_steps=12, seed=1)
+    b = generate_rlds(root / "b", layout="taco_play", episodes=6, image_size=40, max_steps=12, seed=2)
+    build_llama_like_tokenizer(root / "tok")
+    datasets = ["--dataset", f"jaco_play={a}", "--dataset", f"taco_play={b}"]
+    assert cli.main(["stats", *datasets, "--output", str(root / "stats"), IN_MEMORY]) == 0
+    assert cli.main(["shards", *datasets, "--statistics", str(root / "stats" / "dataset_statistics.json"),
+                     "--tokenizer", str(root / "tok"), "--output", str(root / "shards"), "--image-size", str(SIZE),
+                     "--cameras", "primary,wrist", "--action-chunk", "2", "--heldout-fraction", "0.2", IN_MEMORY]) == 0
+    return root / "shards"
+
+
+def shard_images(shards) -> list[bytes]:
+    out = []
+    for path in sorted(shards.glob("*/*.parquet")):
+        table = pq.read_table(path, columns=[Column.IMAGE_PRIMARY, Column.IMAGE_WRIST])
+        out += table.column(Column.IMAGE_PRIMARY).to_pylist() + table.column(Column.IMAGE_WRIST).to_pylist()
+    return out
+
+
+def pil_frames(images) -> np.ndarray:
+    """The reference: PIL, RGB, channels first."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(bytes(x))).convert("RGB")).transpose(2, 0, 1) for x in images])
+
+
+def pil_reference(images, size=None, digest_checked=False):
+    """``decode_frames`` through PIL only: the slow path the fast one must equal (every frame is SIZE)."""
+    return pil_frames(images)
+
+
+# --------------------------------------------------------------------------------------------------
+# decode_frames
+
+
+def test_vlaprep_pngs_decode_without_pil_to_exactly_pils_pixels(shards, monkeypatch):
+    images = shard_images(shards)
+    assert len(images) > 2 * loader._ROWWISE_MIN_FRAMES
+    expected = pil_frames(images)
+    assert expected.shape[1:] == (3, SIZE, SIZE) and expected.std() > 10  # real pictures, not blank
+    # The fast path is taken for every image: PIL is not called.
+    monkeypatch.setattr(loader, "_decode_with_pil", lambda data: pytest.fail("PIL was used for a vlaprep PNG"))
+    for digest_checked in (False, True):
+        # One frame (a cumulative sum per frame) and many (one add per pixel row across the frames).
+        assert np.array_equal(decode_frames(images[:1], SIZE, digest_checked), expected[:1])
+        assert np.array_equal(decode_frames(images[:3], None, digest_checked), expected[:3])
+        got = decode_frames(images, SIZE, digest_checked)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    assert np.array_equal(loader.decode_frame(images[0]), expected[0].transpose(1, 2, 0))
+    assert torch.equal(loader.decode_image(images[0]), torch.from_numpy(expected[0]))
+
+
+def repack(png: bytes, idat_parts) -> bytes:
+    """``png`` with its IDAT chunk replaced by ``idat_parts`` (one IDAT chunk each)."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    return png[:33] + b"".join(chunk(b"IDAT", p) for p in idat_parts) + chunk(b"IEND", b"")
+
+
+def idat(png: bytes) -> bytes:
+    (length,) = struct.unpack_from(">I", png, 33)
+    return png[41: 41 + length]
+
+
+def encoded(image: Image.Image, format: str = "PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=format, **save)
+    return buf.getvalue()
+
+
+def test_other_pngs_and_formats_decode_as_pil_does():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    smooth = Image.fromarray(np.cumsum(rng.integers(0, 3, (SIZE, SIZE, 3)), axis=1).astype(np.uint8))
+    ours = encode_png(rgb)
+    stream = idat(ours)
+    variants = {
+        "pil-rgb": encoded(smooth),  # PIL's adaptive filters (Sub, Paeth, ...)
+        "pil-rgb-stored": encoded(smooth, compress_level=0),
+        "grey": encoded(smooth.convert("L")),
+        "palette": encoded(smooth.convert("P")),
+        "rgba": encoded(smooth.convert("RGBA")),
+        "jpeg": encoded(smooth, "JPEG"),
+        # vlaprep's layout with compressed deflate blocks (zlib inflates them), or the stream over 3 IDATs.
+        "deflated": repack(ours, [zlib.compress(zlib.decompress(stream), 6)]),
+        "split-idat": repack(ours, [stream[:100], stream[100:1000], stream[1000:]]),
+    }
+    filters = zlib.decompress(idat(variants["pil-rgb"]))[:: 3 * SIZE + 1]
+    assert set(filters) - {2}, "PIL chose filter Up for every row: the test would not reach the fallback"
+    for name, data in variants.items():
+        assert np.array_equal(decode_frames([data]), pil_frames([data])), name
+    # A batch mixing them: each frame as PIL decodes it.
+    batch = list(variants.values()) + [ours] * loader._ROWWISE_MIN_FRAMES
+    assert np.array_equal(decode_frames(batch, SIZE), pil_frames(batch))
+
+
+def test_damaged_pngs_raise_what_pil_raises():
+    rng = np.random.default_rng(1)
+    ours = encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    flipped_pixel = bytearray(ours)
+    flipped_pixel[len(ours) // 2] ^= 0x55  # inside the stored block: only the adler32 notices
+    bad_header_crc = bytearray(ours)
+    bad_header_crc[30] ^= 0x01
+    truncated = repack(ours, [idat(ours)[:-300]])
+    for data in (bytes(flipped_pixel), bytes(bad_header_crc), truncated):
+        with pytest.raises(Exception) as pil_error:
+            pil_frames([data])
+        with pytest.raises(type(pil_error.value)):
+            decode_frames([data], SIZE)
+        with pytest.raises(type(pil_error.value)):
+            decode_frames([ours] * loader._ROWWISE_MIN_FRAMES + [data], SIZE)
+
+
+def test_frame_of_another_size_is_refused_with_its_index():
+    frames = [encode_png(np.zeros((SIZE, SIZE, 3), np.uint8))] * 2 + [encode_png(np.zeros((8, SIZE, 3), np.uint8))]
+    with pytest.raises(FrameShapeError, match=rf"expected a {SIZE}x{SIZE} RGB image at index 2, got shape \(8, {SIZE}, 3\)"):
+        decode_frames(frames, SIZE)
+    with pytest.raises(FrameShapeError, match="at index 2"):
+        decode_frames(frames)  # the first frame's size
+    assert decode_frames([], SIZE).shape == (0, 3, SIZE, SIZE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+
+@pytest.mark.parametrize("kw", [dict(pixel_dtype="uint8"), dict(history=3), dict(mixture="manifest", history=2, pixel_dtype="uint8"),
+                                dict(augment="openvla", pixel_dtype="uint8"), dict(decode_images=False)],
+                         ids=["uint8", "h3-float32", "mixture-h2", "augment", "png-bytes"])
+def test_batches_equal_pils_and_collated_items_on_real_shards(shards, monkeypatch, kw):
+    # Units of 21 items (3 windows of 7): batches and history windows cross them; gathers of 8 and 5.
+    monkeypatch.setattr(loader, "MIN_UNIT_ROWS", 16)
+
+    B = loader._ROWWISE_MIN_FRAMES  # full batches un-filter row-wise, the last one frame by frame
+
+    def batches(**more):
+        return list(ShardDataset(shards, seed=5, shuffle_buffer=7, batch_size=B, pad_token_id=3, **kw, **more))
+
+    fast = batches()
+    items = list(ShardDataset(shards, seed=5, shuffle_buffer=7, **kw))
+    with monkeypatch.context() as m:
+        m.setattr(loader, "decode_frames", pil_reference)
+        slow = batches()
+    assert len(fast) == len(slow) == -(-len(items) // B) and len(items) % B and len(items) > 2 * 21
+    for j, (a, b) in enumerate(zip(fast, slow)):
+        for batch in (b, collate_vla(items[B * j: B * j + B], pad_token_id=3)):
+            assert list(a) == list(batch)
+            for key, value in a.items():
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == batch[key].dtype and torch.equal(value, batch[key]), key
+                else:
+                    assert value == batch[key], key
+    if kw.get("decode_images", True):
+        assert fast[0]["pixel_values"].shape[-3:] == (3, SIZE, SIZE)
+        assert fast[0]["wrist_pixel_values"].shape[-3:] == (3, SIZE, SIZE)
+
+
+def test_size_mismatch_names_the_row(tmp_path):
+    tl.write_shards(tmp_path, [[(0, 2)]], wrist=False, options={"image_size": tl.S + 1})
+    with pytest.raises(ValueError, match=rf"expected a {tl.S + 1}x{tl.S + 1} RGB image \(options.image_size\) at "
+                                         rf"step 0 of episode 'ep000' in .*shard-00000-of-00001.parquet, got shape "
+                                         rf"\({tl.S}, {tl.S}, 3\)"):
+        list(ShardDataset(tmp_path, shuffle=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Row groups shared by streams
+
+
+def test_streams_share_row_groups_and_decode_only_what_they_will_read(tmp_path, monkeypatch):
+    # Dataset a: rows 0-9, b: rows 10-19; row groups [0, 8), [8, 16), [16, 20).
+    rows = [(0, t, 10, "a") for t in range(10)] + [(1, t, 10, "b") for t in range(10)]
+    tl.write_shards(tmp_path, [rows], rows_override=True, row_group_size=8)
+    path = tmp_path / "train" / "shard-00000-of-00001.parquet"
+    shard = loader._OpenShard(pafs.LocalFileSystem().open_input_file(str(path)), remote=False)
+    whole = pq.read_table(path)
+    ds = ShardDataset(tmp_path)
+    index = ds._file_index(ds.files[0])
+    assert index.group_offsets.tolist() == [0, 8, 16, 20]
+    decoded = []
+    original = loader._OpenShard.read_group
+    monkeypatch.setattr(loader._OpenShard, "read_group",
+                        lambda self, k, columns, rows: decoded.append((k, rows)) or original(self, k, columns, rows))
+
+    def read(groups, a, b, stream, until, path="f"):
+        table = groups.read(shard, path, whole.schema.names, index, a, b, stream, until)
+        assert table.equals(whole.slice(a, b - a)), (a, b)
+
+    groups = loader._RowGroups()
+    read(groups, 0, 4, stream=0, until=10)  # a
+    read(groups, 10, 14, stream=1, until=20)  # b: group 1 whole (b reads to its end)
+    read(groups, 4, 10, stream=0, until=10)  # a again: groups 0 and 1 are still in memory
+    read(groups, 14, 20, stream=1, until=20)
+    assert decoded == [(0, 8), (1, 8), (2, 4)]
+    read(groups, 0, 3, stream=0, until=10, path="g")  # a moves on to another file (its next piece)
+    assert set(groups.tables) == {("f", 1), ("f", 2), ("g", 0)}  # f's group 0: no stream reads it any more
+
+    decoded.clear()
+    alone = loader._RowGroups()
+    read(alone, 0, 6, stream=0, until=10)
+    read(alone, 6, 10, stream=0, until=10)  # a ends 2 rows into group 1: only those are decoded
+    assert decoded == [(0, 8), (1, 2)]
+    read(alone, 10, 12, stream=1, until=20)  # b needs more of group 1: decoded again, further
+    assert decoded == [(0, 8), (1, 2), (1, 8)]
