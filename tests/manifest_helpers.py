@@ -2,9 +2,10 @@
 
 ``write_manifest(root, ...)`` describes the Parquet files already under ``root/{train,heldout}/``
 (rows, episodes, bytes, sha256, row groups and per-dataset counts, all read back from the files), copies
-the statistics to ``root/inputs/dataset_statistics.json``, writes ``root/quarantine/quarantine.jsonl``,
-checks the document against ``schemas/manifest.schema.json`` and writes ``root/manifest.json``: the
-output ``vlaprep shards`` would have written for those files, so readers see what they see in production.
+the statistics to ``root/inputs/dataset_statistics.json`` (or writes the counts a reader needs when the
+test has no statistics file), writes ``root/quarantine/quarantine.jsonl``, checks the document against
+``schemas/manifest.schema.json`` and writes ``root/manifest.json``: the output ``vlaprep shards`` would
+have written for those files, so readers (validation, the loader) see what they see in production.
 
 Test modules run in pytest's importlib mode (``tests`` is not a package): they load this file with
 ``importlib.util.spec_from_file_location`` rather than importing it by name.
@@ -44,6 +45,8 @@ OPTION_DEFAULTS = {
     "model_max_length": 2048,
     "tokenization": "text_round_trip",
 }
+# A hand-written output read without a tokenizer (the loader's tests) records this one.
+_STAND_IN_TOKENIZER = {"sha256": "0" * 64, "files": [{"name": "tokenizer.json", "bytes": 1, "sha256": "0" * 64}]}
 _SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})\.parquet$")
 
 
@@ -104,20 +107,22 @@ def write_manifest(
     root: str | os.PathLike,
     *,
     options: Mapping[str, Any],
-    statistics_path: str | os.PathLike,
-    tokenizer,
+    statistics_path: str | os.PathLike | None = None,
+    tokenizer=None,
     quarantine: Iterable[Mapping[str, Any]] = (),
+    num_transitions: Mapping[str, int] | None = None,
+    mixture: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write ``root``'s ``inputs/``, ``quarantine/`` and ``manifest.json`` for the shards already in it.
 
     ``options``: at least ``image_size``, ``action_dim`` and ``vocab_size`` (the rest default to
-    ``OPTION_DEFAULTS``); ``tokenizer``: its directory or the tokenizer object; ``quarantine``: the
-    records of ``quarantine/quarantine.jsonl`` (each counted as a read episode of its dataset).
-    Returns the document, checked against ``schemas/manifest.schema.json``."""
+    ``OPTION_DEFAULTS``); ``statistics_path``: the statistics the shards were written with, or None for
+    ``{dataset: {num_transitions, num_trajectories: 1}}`` (``num_transitions``: default each dataset's rows);
+    ``tokenizer``: its directory, the tokenizer object, or None (a stand-in record); ``quarantine``: the
+    records of ``quarantine/quarantine.jsonl`` (each counted as a read episode of its dataset); ``mixture``:
+    the manifest's ``mixture`` block. Returns the document, checked against ``schemas/manifest.schema.json``."""
     root = os.fspath(root)
-    statistics = pathlib.Path(statistics_path).read_bytes()
     os.makedirs(os.path.join(root, layout.INPUTS_DIR), exist_ok=True)
-    shutil.copyfile(statistics_path, os.path.join(root, layout.STATISTICS_COPY))
     records = sorted((dict(r) for r in quarantine), key=lambda r: (r["dataset_name"], r["episode_id"], r["stage"]))
     quarantine_bytes = quarantine_jsonl(records)  # the one writer of quarantine.jsonl
     os.makedirs(os.path.join(root, layout.QUARANTINE_DIR), exist_ok=True)
@@ -131,7 +136,14 @@ def write_manifest(
             files.append(entry)
             for dataset, ids in in_file.items():
                 episodes[split].setdefault(dataset, set()).update(ids)
-    names = sorted({d for f in files for d in f["datasets"]} | {r["dataset_name"] for r in records})
+    names = sorted({d for f in files for d in f["datasets"]} | {r["dataset_name"] for r in records} | set(num_transitions or {}))
+    if statistics_path is not None:
+        shutil.copyfile(statistics_path, os.path.join(root, layout.STATISTICS_COPY))
+    else:
+        rows = {n: sum(f["datasets"].get(n, {}).get("rows", 0) for f in files) for n in names}
+        counts = {n: {"num_transitions": int((num_transitions or rows)[n]), "num_trajectories": 1} for n in names}
+        pathlib.Path(root, layout.STATISTICS_COPY).write_text(json.dumps(counts))
+    statistics = pathlib.Path(root, layout.STATISTICS_COPY).read_bytes()
     totals = {
         name: {
             split: {
@@ -170,7 +182,7 @@ def write_manifest(
         },
         "inputs": {
             "statistics": {"sha256": _sha256(statistics), "bytes": len(statistics), "path": layout.STATISTICS_COPY},
-            "tokenizer": _tokenizer_fingerprint(tokenizer),
+            "tokenizer": _tokenizer_fingerprint(tokenizer) if tokenizer is not None else _STAND_IN_TOKENIZER,
             # A hand-written output has no registry entry: a stand-in digest of the name.
             "datasets": {name: {"source_format": "rlds", "registry_fingerprint": _sha256(name.encode())} for name in names},
         },
@@ -189,6 +201,8 @@ def write_manifest(
         "quarantine": {"path": layout.SHARDS_QUARANTINE_FILE, "records": len(records), "bytes": len(quarantine_bytes),
                        "sha256": _sha256(quarantine_bytes)},
     }
+    if mixture is not None:
+        document["mixture"] = dict(mixture)
     validate_json(document, "manifest")
     pathlib.Path(root, layout.MANIFEST_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return document

@@ -28,11 +28,12 @@ from vlaprep import loader
 from vlaprep.loader import ShardDataset, ShardSlice, collate_vla, load_manifest
 from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema
 
-_spec = importlib.util.spec_from_file_location("loader_manifest_helper", pathlib.Path(__file__).with_name("manifest_helper.py"))
+_spec = importlib.util.spec_from_file_location("manifest_helpers", pathlib.Path(__file__).parents[1] / "manifest_helpers.py")
 helper = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helper)
 
 D, N, P, S = 3, 2, 2, 8  # action width, chunk, proprio width, image size
+LOADER_OPTIONS = {"action_dim": D, "vocab_size": 32000, "tokenization": "ids_direct"}  # the manifest's, for these toy rows
 PRIMARY, WRIST = 11, 22  # blue channel of each camera's frames
 ACTION_BASE = 31744
 
@@ -110,24 +111,17 @@ def write_shards(root, files, *, split="train", row_group_size=3, manifest=True,
     Rows may name their dataset as a 4th field (default "toy"); a file's rows must then be sorted by
     dataset, as the shard writer sorts them."""
     os.makedirs(os.path.join(root, split), exist_ok=True)
-    entries, keys = [], []
+    keys = []
     for i, episodes in enumerate(files):
         rel = f"{split}/shard-{i:05d}-of-{len(files):05d}.parquet"
         rows = episodes if rows_override else episode_rows(episodes)
         pq.write_table(rows_table(rows, wrist=wrist, proprio=proprio), os.path.join(root, rel), row_group_size=row_group_size)
-        counts = {}
-        for r in rows:
-            name = r[3] if len(r) > 3 else "toy"
-            episodes_, n = counts.get(name, (set(), 0))
-            episodes_.add(r[0])
-            counts[name] = (episodes_, n + 1)
-        entries.append(helper.file_entry(root, rel, split, i, len(files), {k: (len(e), n) for k, (e, n) in counts.items()}))
         keys += [(episode_id(r[0]), r[1]) for r in rows]
     if manifest:
         opts = {"action_chunk": N, "image_size": S, "cameras": ["primary", "wrist"] if wrist else ["primary"],
                 "normalization": "bounds_q99", "action_encoding": "uniform"}
         opts.update(options or {})
-        helper.write_manifest(root, entries, options=opts, action_dim=D, mixture=mixture, num_transitions=num_transitions)
+        helper.write_manifest(root, options={**LOADER_OPTIONS, **opts}, mixture=mixture, num_transitions=num_transitions)
     return keys
 
 
@@ -393,9 +387,7 @@ def test_manifest_lists_split_files_and_its_options_are_checked(tmp_path):
     write_shards(tmp_path, MANY_FILES)
     write_shards(tmp_path / "x", [[(9, 2)]], split="heldout")
     os.replace(tmp_path / "x" / "heldout", tmp_path / "heldout")
-    train_entries = read_manifest_json(tmp_path)["files"]
-    heldout_entries = read_manifest_json(tmp_path / "x")["files"]
-    helper.write_manifest(tmp_path, train_entries + heldout_entries, options={"action_chunk": N, "image_size": S}, action_dim=D)
+    helper.write_manifest(tmp_path, options={**LOADER_OPTIONS, "action_chunk": N, "image_size": S})
     manifest = read_manifest_json(tmp_path)
     assert isinstance(load_manifest(tmp_path), loader.layout.Manifest)
     assert keys_of(ShardDataset(tmp_path, "heldout", shuffle=False)) == [("ep009", 0), ("ep009", 1)]

@@ -23,7 +23,7 @@ from vlaprep.errors import UserError
 from vlaprep.loader import ShardDataset, ShardIntegrityError, UnpublishedShardsError, collate_vla
 from vlaprep.schemas.shards import LABEL_IGNORE, shard_schema
 
-_spec = importlib.util.spec_from_file_location("loader_manifest_helper", pathlib.Path(__file__).with_name("manifest_helper.py"))
+_spec = importlib.util.spec_from_file_location("manifest_helpers", pathlib.Path(__file__).parents[1] / "manifest_helpers.py")
 helper = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helper)
 
@@ -70,13 +70,14 @@ FILES = [[(0, 2), (1, 3)], [(2, 2)], [(3, 1), (4, 2)], [(5, 3)]]
 def write_output(root, files=FILES, marked=(2, 1)):
     """``root/train/shard-*.parquet`` + manifest.json as the shard job writes it -> relative paths."""
     os.makedirs(root / "train", exist_ok=True)
-    entries = []
+    written = []
     for i, episodes in enumerate(files):
         rel = f"train/shard-{i:05d}-of-{len(files):05d}.parquet"
         pq.write_table(_table(episodes, marked), root / rel, compression="NONE", use_dictionary=False, row_group_size=2)
-        entries.append(helper.file_entry(root, rel, "train", i, len(files), {"toy": (len(episodes), sum(n for _, n in episodes))}))
-    helper.write_manifest(root, entries, options={"action_chunk": 1, "image_size": 4, "cameras": ["primary"]}, action_dim=D)
-    return [e["path"] for e in entries]
+        written.append(rel)
+    helper.write_manifest(root, options={"action_chunk": 1, "image_size": 4, "cameras": ["primary"], "action_dim": D,
+                                         "vocab_size": 32000, "tokenization": "ids_direct"})
+    return written
 
 
 def forge(path) -> str:
