@@ -114,11 +114,12 @@ import math
 import os
 import pickle
 import struct
+import threading
 import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -603,7 +604,20 @@ def _decode_with_pil(data) -> np.ndarray:
         return np.asarray(img)
 
 
-def decode_frames(images: Sequence, size: int | None = None, digest_checked: bool = False) -> np.ndarray:
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """A flat uint8 buffer of ``nbytes`` reused by this thread's decodes: a fresh one per batch (MBs) is
+    handed back to the OS and faulted in, zeroed, page by page the next time."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _SCRATCH.buf = np.empty(nbytes, np.uint8)
+    return buf[:nbytes]
+
+
+def decode_frames(images: Sequence, size: int | None = None, digest_checked: bool = False,
+                  allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
     """Encoded images (bytes or any buffer: PNG, or any format PIL reads) -> uint8 [n, 3, H, W], channels
     first as the model takes them; every image ``size`` x ``size`` when given, else the first one's size
     (``FrameShapeError`` otherwise). Module-level: tests count calls.
@@ -611,7 +625,8 @@ def decode_frames(images: Sequence, size: int | None = None, digest_checked: boo
     vlaprep's own PNGs (see ``_PNG_SIGNATURE``) are decoded batch-wide without PIL, to exactly PIL's
     pixels; every other image (other filters, palettes, grey, alpha, JPEG, damaged streams) through PIL.
     ``digest_checked``: the images come from a file whose sha256 matched the manifest, so their zlib
-    streams are the writer's bytes and their adler32 (~25% of the decoding) is not computed again."""
+    streams are the writer's bytes and their adler32 (~25% of the decoding) is not computed again.
+    ``allocate(shape)``: where the uint8 output goes (e.g. shared memory a DataLoader worker hands over as is)."""
     n = len(images)
     out: np.ndarray | None = None
     fallback: dict[int, np.ndarray] = {}  # index -> PIL's [H, W, 3]
@@ -626,8 +641,8 @@ def decode_frames(images: Sequence, size: int | None = None, digest_checked: boo
             shape = png[:2]
         if out is None:
             height, width = (size, size) if size is not None else shape
-            out = np.empty((n, 3, height, width), np.uint8)
-            filtered = np.empty((n, height, 3 * width + 1), np.uint8)  # each row: filter type, then R G B ...
+            out = np.empty((n, 3, height, width), np.uint8) if allocate is None else allocate((n, 3, height, width))
+            filtered = _scratch(n * height * (3 * width + 1)).reshape(n, height, 3 * width + 1)  # rows: filter, R G B ...
         if shape != (height, width):
             raise FrameShapeError(j, (*shape, 3), (height, width))
         if png is not None:
@@ -1372,6 +1387,7 @@ class ShardDataset(IterableDataset):
         # Per process: open files (ParquetFile, checked index), and the row groups being read.
         self._readers: collections.OrderedDict[str, tuple[_OpenShard, _FileIndex]] = collections.OrderedDict()
         self._row_groups = _RowGroups()
+        self._share = False  # set per pass: batches built in shared memory (in a DataLoader worker)
 
     # -- public helpers ---------------------------------------------------------------------------
 
@@ -1506,6 +1522,7 @@ class ShardDataset(IterableDataset):
         state["_plans"] = {}
         state["_readers"] = collections.OrderedDict()
         state["_row_groups"] = _RowGroups()
+        state["_share"] = False
         return state
 
     def _fs_base(self) -> tuple[pafs.FileSystem, str]:
@@ -1772,6 +1789,8 @@ class _WorkerIterator:
         self._gen: Iterator | None = None
         ds._readers = collections.OrderedDict()  # files are checked again (size, digest cache) every pass
         ds._row_groups = _RowGroups()
+        # In a DataLoader worker, batches go to the main process through shared memory: build them there.
+        ds._share = ds.batch_size is not None and get_worker_info() is not None
 
     def state(self) -> LoaderState:
         return LoaderState(self.ds.fingerprint(), self.epoch, self.ds.world_size, self.ds.rank, self.num_workers,
@@ -1836,9 +1855,13 @@ class _WorkerIterator:
                         if W > 1 else np.arange(min(W, hi - lo - lo_w)))
                 for lo_w in range(0, hi - lo, W)
             ])
-            first = max(start - lo, 0)
-            for a in range(first, hi - lo, chunk):
-                yield unit.gather(order[a: min(a + chunk, hi - lo)])
+            # Chunks end where batches end (every ``chunk`` items from ``start``): a batch is then one
+            # gather -- its frames decoded into its own buffer -- except where it spans two units.
+            a = max(start - lo, 0)
+            while a < hi - lo:
+                b = min(a + chunk - (lo + a - start) % chunk, hi - lo)
+                yield unit.gather(order[a:b])
+                a = b
             carry = unit.carry_out()
             consumed = consumed + np.bincount(ids, minlength=len(streams))
             u += 1
@@ -1862,8 +1885,8 @@ class _WorkerIterator:
             yield {k: item[k] for k in _ITEM_ORDER if k in item}
 
     def _batch(self, rows: _Rows) -> dict:
-        batch = self._finish(rows)
-        return _collate_columns(batch, rows.n, self.ds.pad_token_id)
+        batch = _collate_columns(self._finish(rows), rows.n, self.ds.pad_token_id)
+        return share_batch(batch) if self.ds._share else batch
 
     def _finish(self, rows: _Rows) -> dict:
         """Column dict with model-facing names and dtypes (ragged ids as (lengths, flat, offsets))."""
@@ -1899,15 +1922,83 @@ class _WorkerIterator:
             if isinstance(value, list):  # decode_images=False: PNG bytes
                 out[src] = value
                 continue
-            frames = torch.from_numpy(value)  # [n, (H,) 3, S, S] uint8
+            frames = as_shared_tensor(value) if ds._share else torch.from_numpy(value)  # [n, (H,) 3, S, S] uint8
             if src == Column.IMAGE_PRIMARY and ds.augment == "openvla":
                 frames = openvla_augment(frames, openvla_augment_params(rows.keys, ds.seed, self.epoch))
-            out[dst] = frames.to(torch.float32).div_(255.0) if ds.pixel_dtype == "float32" else frames
+            if ds.pixel_dtype == "float32":  # in a worker straight into shared memory (not copied there after)
+                pixels = shared_empty(frames.shape, torch.float32) if ds._share else torch.empty(frames.shape, dtype=torch.float32)
+                frames = pixels.copy_(frames).div_(255.0)
+            out[dst] = frames
         if HISTORY_MASK in cols:
             out[HISTORY_MASK] = torch.from_numpy(cols[HISTORY_MASK])
         if Column.PROPRIO in cols:
             out[Column.PROPRIO] = torch.from_numpy(cols[Column.PROPRIO].astype(np.float32))
         return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-off from DataLoader workers
+
+_SHARED_ALIGN = 64
+_SHARED_DIRECT_BYTES = 1 << 16  # tensors this large get a shared block of their own rather than a copy into the pack
+
+
+def _new_shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """A shared-memory storage of ``nbytes``, created in shared memory (as torch's ``default_collate`` does
+    in workers), not allocated privately and copied there."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is not None:
+        return new_shared(max(nbytes, 1))
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8).share_memory_().untyped_storage()
+
+
+def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in a shared-memory block of its own."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(_new_shared_storage(nbytes), 0, tuple(shape))
+
+
+def shared_frames(shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 array of ``shape`` in shared memory: ``decode_frames``' ``allocate`` in a DataLoader worker."""
+    return shared_empty(shape, torch.uint8).numpy()  # its .base: a tensor on the shared storage (``as_shared_tensor``)
+
+
+def as_shared_tensor(value: np.ndarray) -> torch.Tensor:
+    """``value`` as a tensor; when it views memory from ``shared_frames`` (after slicing and reshaping too),
+    a tensor on that same shared storage, so that handing it over copies nothing."""
+    root = value
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if isinstance(root, torch.Tensor) and root.is_shared() and value.itemsize == root.element_size():
+        offset, misaligned = divmod(value.ctypes.data - root.data_ptr(), value.itemsize)
+        if not misaligned and all(st % value.itemsize == 0 for st in value.strides):
+            return root.as_strided(value.shape, [st // value.itemsize for st in value.strides],
+                                   root.storage_offset() + offset)
+    return torch.from_numpy(value)
+
+
+def share_batch(batch: dict) -> dict:
+    """The batch with every tensor not yet in shared memory packed into one shared-memory block.
+
+    A DataLoader worker pickles a batch tensor by tensor: each one not already shared is copied into a new
+    shared-memory segment whose file descriptor the main process then fetches over a socket -- ~13 round
+    trips and copies per batch here, more time than reading the batch's rows. Packed, a batch crosses as
+    two descriptors (this block and the frames decoded into shared memory) and its frames are not copied.
+    ``collate_vla`` does the same for batches a DataLoader collates from items in its workers."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and not v.is_shared()}
+    if not tensors:
+        return batch
+    offsets, total = {}, 0
+    for k, v in tensors.items():
+        offsets[k] = total
+        total += -(-v.numel() * v.element_size() // _SHARED_ALIGN) * _SHARED_ALIGN
+    storage = _new_shared_storage(total)
+    out = dict(batch)
+    for k, v in tensors.items():
+        packed = torch.empty(0, dtype=v.dtype).set_(storage, offsets[k] // v.element_size(), v.shape)
+        packed.copy_(v)
+        out[k] = packed
+    return out
 
 
 def _take(rows: _Rows, k: int) -> _Rows:
@@ -1963,6 +2054,8 @@ class _Unit:
         self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         self.read_starts = np.cumsum([0] + [b - a for _, a, b in self.reads])  # first table row of each read
         self.carry = carry
+        # Frames go into shared memory only where the batch takes them as they are (uint8, no augmentation).
+        self.handed_over = ds._share and ds.pixel_dtype == "uint8" and not ds.augment
         self.cols: dict[str, Any] = {}
         self.steps = self.col(Column.STEP_INDEX).astype(np.int64)
         # History: frame j (0..H-1) of the item at table row r is row r - min(H-1-j, step[r]).
@@ -1988,12 +2081,14 @@ class _Unit:
         path, a, _ = self.reads[k]
         return path, a + row - int(self.read_starts[k])
 
-    def decode(self, rows: np.ndarray, name: str) -> np.ndarray:
-        """Frames of table ``rows`` in image column ``name``: uint8 [n, 3, S, S], decoded in one batch."""
+    def decode(self, rows: np.ndarray, name: str, shared: bool = False) -> np.ndarray:
+        """Frames of table ``rows`` in image column ``name``: uint8 [n, 3, S, S], decoded in one batch
+        (into shared memory when ``shared``: frames a worker hands over as they are)."""
         size = self.ds.layout.image_size
         try:
             # Module-level lookup: tests count calls.
-            return decode_frames(self.col(name).views(rows), size, digest_checked=self.ds.digests_checked)
+            return decode_frames(self.col(name).views(rows), size, digest_checked=self.ds.digests_checked,
+                                 allocate=shared_frames if shared else None)
         except FrameShapeError as e:
             row = int(rows[e.index])
             expected = "options.image_size" if size is not None else "the size of the batch's first frame"
@@ -2032,13 +2127,14 @@ class _Unit:
                 cols[Column.IMAGE_PRIMARY] = ([[data.value(r) for r in h] for h in hist] if H > 1
                                               else [data.value(r) for r in rows])
             else:
-                cols[Column.IMAGE_PRIMARY] = self.decode(rows, Column.IMAGE_PRIMARY) if H == 1 else self._history(hist)
+                cols[Column.IMAGE_PRIMARY] = (self.decode(rows, Column.IMAGE_PRIMARY, shared=self.handed_over) if H == 1
+                                              else self._history(hist))
         if Column.IMAGE_WRIST in ds.columns:
             if not ds.decode_images:
                 data = self.col(Column.IMAGE_WRIST)
                 cols[Column.IMAGE_WRIST] = [data.value(r) for r in rows]
             else:
-                cols[Column.IMAGE_WRIST] = self.decode(rows, Column.IMAGE_WRIST)
+                cols[Column.IMAGE_WRIST] = self.decode(rows, Column.IMAGE_WRIST, shared=self.handed_over)
         if H > 1 and (Column.IMAGE_PRIMARY in ds.columns or Column.PROPRIO in ds.columns):
             cols[HISTORY_MASK] = self.mask[idx]
         keys = []
@@ -2152,6 +2248,7 @@ def collate_vla(batch: Sequence[dict], pad_token_id: int = 0) -> dict:
         if set(item.keys()) != set(keys):
             raise ValueError(f"expected every item to have keys {sorted(keys)!r}, got {sorted(item.keys())!r} at index {j}")
     out: dict[str, Any] = {}
+    worker = get_worker_info() is not None  # the batch goes to the main process: see ``share_batch``
     if Column.INPUT_IDS in batch[0]:
         lengths = [int(item[Column.INPUT_IDS].shape[0]) for item in batch]
         size = (len(batch), max(lengths))
@@ -2181,7 +2278,9 @@ def collate_vla(batch: Sequence[dict], pad_token_id: int = 0) -> dict:
                     raise ValueError(
                         f"expected {key!r} of shape {tuple(first.shape)} in every item, got {tuple(v.shape)} at index {j}"
                     )
-            out[key] = torch.stack(values)
+            # In a DataLoader worker, large tensors (frames) are stacked straight into shared memory.
+            big = worker and first.numel() * first.element_size() * len(values) >= _SHARED_DIRECT_BYTES
+            out[key] = torch.stack(values, out=shared_empty((len(values), *first.shape), first.dtype)) if big else torch.stack(values)
         elif isinstance(first, (bool, np.bool_)):
             out[key] = torch.tensor(values, dtype=torch.bool)
         elif isinstance(first, (int, np.integer)):
@@ -2192,7 +2291,7 @@ def collate_vla(batch: Sequence[dict], pad_token_id: int = 0) -> dict:
             out[key] = list(values)
     if Column.DATASET_NAME in out:
         out["dataset_names"] = list(out[Column.DATASET_NAME])
-    return out
+    return share_batch(out) if worker else out
 
 
 # --------------------------------------------------------------------------------------------------

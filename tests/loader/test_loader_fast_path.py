@@ -68,9 +68,14 @@ def pil_frames(images) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(bytes(x))).convert("RGB")).transpose(2, 0, 1) for x in images])
 
 
-def pil_reference(images, size=None, digest_checked=False):
+def pil_reference(images, size=None, digest_checked=False, allocate=None):
     """``decode_frames`` through PIL only: the slow path the fast one must equal (every frame is SIZE)."""
-    return pil_frames(images)
+    frames = pil_frames(images)
+    if allocate is None:
+        return frames
+    out = allocate(frames.shape)
+    out[...] = frames
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,3 +252,69 @@ def test_streams_share_row_groups_and_decode_only_what_they_will_read(tmp_path, 
     assert decoded == [(0, 8), (1, 2)]
     read(alone, 10, 12, stream=1, until=20)  # b needs more of group 1: decoded again, further
     assert decoded == [(0, 8), (1, 2), (1, 8)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-off from DataLoader workers
+
+
+def test_share_batch_packs_every_tensor_into_one_shared_block_with_the_same_values():
+    block = loader.shared_frames((2, 3, 4, 4))
+    block[...] = np.arange(96, dtype=np.uint8).reshape(2, 3, 4, 4)
+    frames = loader.as_shared_tensor(block)
+    batch = {"ids": torch.arange(10).reshape(2, 5), "action": torch.linspace(-1, 1, 14).reshape(2, 7),
+             "mask": torch.tensor([[True], [False]]), "odd": torch.arange(6, dtype=torch.int16)[::2],
+             "names": ["a", "b"], "pixel_values": frames}
+    expected = {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) for k, v in batch.items()}
+    out = loader.share_batch(batch)
+    assert list(out) == list(batch)
+    for k, v in expected.items():
+        if isinstance(v, torch.Tensor):
+            assert out[k].is_shared() and out[k].dtype == v.dtype and torch.equal(out[k], v), k
+            assert out[k].data_ptr() % 8 == 0, k
+        else:
+            assert out[k] == v
+    storages = {k: out[k].untyped_storage().data_ptr() for k in ("ids", "action", "mask", "odd", "pixel_values")}
+    assert len({storages[k] for k in ("ids", "action", "mask", "odd")}) == 1  # one block for the small ones
+    assert storages["pixel_values"] != storages["ids"]  # the frames were already shared: not copied
+    assert out["pixel_values"].data_ptr() == frames.data_ptr()
+
+
+def test_views_of_shared_frames_stay_on_their_shared_storage():
+    block = loader.shared_frames((4, 3, 2, 2))
+    block[...] = np.arange(block.size, dtype=np.uint8).reshape(block.shape)
+    for view in (block, block[1:3], block[::2], block[2:].reshape(2, 12)):
+        t = loader.as_shared_tensor(view)
+        assert t.is_shared() and torch.equal(t, torch.from_numpy(np.ascontiguousarray(view)))
+        assert t.data_ptr() == view.ctypes.data  # the same memory, not a copy
+    private = np.arange(12, dtype=np.uint8)
+    assert not loader.as_shared_tensor(private).is_shared()
+
+
+def test_worker_batches_cross_as_two_shared_blocks_and_equal_in_process_batches(shards, monkeypatch):
+    """In a worker every batch that lies within one read unit arrives as its frames' own shared block (decoded
+    there, not copied) plus one block for everything else; a batch spanning two units is packed whole. The
+    values are those of the same batches built in the main process."""
+    monkeypatch.setattr(loader, "MIN_UNIT_ROWS", 10)  # units of 10 rows: some batches of 4 span two (forked workers see it)
+    kw = dict(split="train", seed=3, shuffle_buffer=5, batch_size=4, pixel_dtype="uint8")
+    in_process = list(ShardDataset(shards, **kw))
+    received = list(torch.utils.data.DataLoader(ShardDataset(shards, **kw), batch_size=None, num_workers=1))
+    assert len(received) == len(in_process) > 3
+    ds = ShardDataset(shards, **kw)
+    unit, total = ds._unit(), ds.worker_lengths(0)[0]
+    spanning = {j for j in range(len(in_process)) if (4 * j) // unit != (4 * j + len(in_process[j]["step_index"]) - 1) // unit}
+    assert unit == 10 and total > 3 * unit and 0 < len(spanning) < len(in_process) - 3
+    for j, (a, b) in enumerate(zip(received, in_process)):
+        assert list(a) == list(b)
+        storages = set()
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[key]), key
+                storages.add(value.untyped_storage().data_ptr())
+            else:
+                assert value == b[key], key
+        for key in ("pixel_values", "wrist_pixel_values"):  # the fixture has both cameras
+            frames = a[key]
+            own = frames.untyped_storage().nbytes() == frames.numel()
+            assert own == (j not in spanning), (j, key)
+        assert len(storages) == (3 if j not in spanning else 1), j
