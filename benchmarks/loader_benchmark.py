@@ -9,10 +9,8 @@ whole processes, alternating (A B C D, B C D A, ...), medians of --reps after a 
              decode + lanczos3 resize + per-sample prompt tokenization (benchmarks/shards_benchmark.py)
   loader     ShardDataset(batch_size=32, pixel_dtype="uint8") in a DataLoader with 2 workers (batches
              assembled column-wise in the workers)                              -> target >= 5x online
-  mixture    the same shards rewritten as 3 datasets (episodes dealt round-robin, written with the shard
-             writer's Parquet settings), mixture="manifest"                     -> target >= 0.90x loader
-  aligned    the mixture again, each dataset's rows starting a new row group (the writer does not; a row
-             group holding two datasets' rows is decoded by each worker that reads one of them)
+  mixture    the same shards rewritten as 3 datasets (episodes dealt round-robin, each file written again
+             by the shard writer), mixture="manifest"                           -> target >= 0.90x loader
   gcs        loader over the same shards uploaded to the local GCS emulator (pyarrow GcsFileSystem,
              each file hashed by streaming it once, then read with range requests)  -> vs loader;
              the emulator (a Python server that copies the whole object for every range request)
@@ -91,16 +89,15 @@ def hash_cost(shards: str) -> str:
             f"(no workers): {epoch:.2f} s ({n} samples); hashing = {100 * hashing / epoch:.1f}% of an epoch")
 
 
-def as_three_datasets(src: str, dst: str, aligned: bool = False) -> None:
-    """Rewrite a one-dataset shards output as 3 datasets (episode k -> bridge_{a,b,c}[k % 3]): rows sorted by
-    (dataset, episode) per file as the writer sorts them, row groups of the source's size (``aligned``: each
-    dataset's rows start a new row group, which the writer does not do); manifest, statistics copy and
-    digests updated."""
+def as_three_datasets(src: str, dst: str) -> None:
+    """Rewrite a one-dataset shards output as 3 datasets (episode k -> bridge_{a,b,c}[k % 3]), each file
+    written again by the shard writer itself (``write_shard_file``: rows sorted by (dataset, episode), its
+    Parquet settings and row groups, each dataset's rows starting a new group); manifest, statistics copy
+    and digests updated."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from vlaprep.pipelines.shards.options import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
+    from vlaprep.pipelines.shards.write import write_shard_file
 
     shutil.copytree(src, dst)
     with open(os.path.join(dst, "manifest.json")) as f:
@@ -117,30 +114,13 @@ def as_three_datasets(src: str, dst: str, aligned: bool = False) -> None:
             order.setdefault(e, names[len(order) % 3])
         table = table.set_column(table.schema.get_field_index("dataset_name"), "dataset_name",
                                  pa.array([order[e] for e in episodes], pa.string()))
-        idx = pc.sort_indices(table, sort_keys=[("dataset_name", "ascending"), ("episode_id", "ascending"), ("step_index", "ascending")])
-        table = table.take(idx)
-        row_group = pq.read_metadata(path).row_group(0).num_rows
-        names_in_order = table["dataset_name"].to_pylist()
-        starts = [i for i in range(len(names_in_order)) if i == 0 or names_in_order[i] != names_in_order[i - 1]]
-        runs = list(zip(starts, starts[1:] + [len(names_in_order)])) if aligned else [(0, len(names_in_order))]
-        # The shard writer's settings (pipelines/shards/write.py): with pyarrow's defaults instead (dictionary
-        # pages for the images, zstd level 3) the files read ~2x slower and the mixture's figure measured that.
-        binary = [f.name for f in table.schema if f.type == pa.binary()]
-        with pq.ParquetWriter(path, table.schema, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
-                              use_dictionary=[f.name for f in table.schema if f.type == pa.string()],
-                              write_statistics=[f.name for f in table.schema if f.name not in binary]) as writer:
-            for lo, hi in runs:  # each write_table call ends its last row group
-                writer.write_table(table.slice(lo, hi - lo), row_group_size=row_group)
-        with open(path, "rb") as f:
-            data = f.read()
-        entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-        entry["row_groups"] = pq.read_metadata(path).num_row_groups
-        counts = {}
-        for n, e in zip(table["dataset_name"].to_pylist(), table["episode_id"].to_pylist()):
-            c = counts.setdefault(n, [set(), 0])
-            c[0].add(e)
-            c[1] += 1
-        entry["datasets"] = {n: {"episodes": len(c[0]), "rows": c[1]} for n, c in sorted(counts.items())}
+        bounds = [i for i in range(1, len(episodes)) if episodes[i] != episodes[i - 1]]
+        items = [((entry["split"], order[episodes[a]], episodes[a]), table.slice(a, b - a).combine_chunks().to_batches()[0])
+                 for a, b in zip([0] + bounds, bounds + [len(episodes)])]
+        os.unlink(path)
+        info = write_shard_file(dst, entry["split"], entry["shard_index"], entry["num_shards"], items, table.schema, len(items))
+        assert info["path"] == entry["path"]
+        entry.update({k: info[k] for k in ("bytes", "sha256", "row_groups", "datasets")})
         for n, c in entry["datasets"].items():
             totals[n][entry["split"]]["episodes"] += c["episodes"]
             totals[n][entry["split"]]["rows"] += c["rows"]
@@ -210,7 +190,7 @@ def main() -> None:
     emulator, host = start_emulator(_script(scratch, "emulator", EMULATOR)) if args.gcs else (None, "")
     if args.gcs:
         os.environ["STORAGE_EMULATOR_HOST"] = host
-    programs = ("online", "loader", "mixture", "aligned") + (("gcs",) if args.gcs else ())
+    programs = ("online", "loader", "mixture") + (("gcs",) if args.gcs else ())
     runs = {k: {p: [] for p in programs} for k in sizes}
     items = {k: {} for k in sizes}
     try:
@@ -221,7 +201,7 @@ def main() -> None:
 
         tok = os.path.join(scratch, "tok")
         build_llama_like_tokenizer(tok)
-        shards, mixed, aligned, remote = {}, {}, {}, {}
+        shards, mixed, remote = {}, {}, {}
         for size, version_dir in dirs.items():
             stats = os.path.join(scratch, f"stats_{size}")
             subprocess.run([VLAPREP, "stats", "--dataset", f"bridge_orig={version_dir}", "--output", stats], check=True,
@@ -232,8 +212,6 @@ def main() -> None:
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             mixed[size] = os.path.join(scratch, f"mixed_{size}")
             as_three_datasets(shards[size], mixed[size])
-            aligned[size] = os.path.join(scratch, f"aligned_{size}")
-            as_three_datasets(shards[size], aligned[size], aligned=True)
             remote[size] = f"gs://bench/{size}"
             if args.gcs:
                 pafs.copy_files(shards[size], f"bench/{size}", destination_filesystem=_gcs_filesystem())
@@ -252,8 +230,6 @@ def main() -> None:
                         m = measure([PY, script, shards[size], "none"])
                     elif name == "mixture":
                         m = measure([PY, script, mixed[size], "manifest"])
-                    elif name == "aligned":
-                        m = measure([PY, script, aligned[size], "manifest"])
                     else:
                         m = measure([PY, script, remote[size], "none"])
                     if rep:
@@ -264,8 +240,7 @@ def main() -> None:
 
             rows = ShardDataset(shards[size], verify_sha256=False).worker_lengths(0)[0]
             mix_rows = ShardDataset(mixed[size], verify_sha256=False, mixture="manifest").mixture.epoch_length
-            items[size] = {"online": _count_frames(dirs[size], "train"), "loader": rows, "mixture": mix_rows,
-                           "aligned": mix_rows, "gcs": rows}
+            items[size] = {"online": _count_frames(dirs[size], "train"), "loader": rows, "mixture": mix_rows, "gcs": rows}
     finally:
         if emulator is not None:
             emulator.terminate()
@@ -294,7 +269,6 @@ def main() -> None:
 
     print(f"loader (uint8, batch-level) vs online: {ratio('loader', 'online', ' (target >= 5)')}")
     print(f"3-dataset mixture vs unmixed loader: {ratio('mixture', 'loader', ' (target >= 0.90)')}")
-    print(f"  with row groups cut at dataset boundaries: {ratio('aligned', 'loader', '')}")
     if args.gcs:
         print(f"GCS emulator vs local files: {ratio('gcs', 'loader', '')}")
 

@@ -81,7 +81,11 @@ def _one_batch(pieces: list, schema: pa.Schema) -> pa.RecordBatch:
 
 def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: str):
     """``[(key, rows)]`` in key order -> one ``pa.Table`` per Parquet row group (``row_group`` rows, the
-    last fewer), streamed from the episodes' chunks and checked on the way.
+    last of each dataset fewer), streamed from the episodes' chunks and checked on the way.
+
+    A row group never holds two datasets' rows: a mixture reads each dataset as its own stream, and
+    Parquet decodes whole row groups (from their first row), so a group shared by two datasets would be
+    decoded once for each -- by different DataLoader workers, ~20% more decoding on a 3-dataset mixture.
 
     Each table holds one chunk per episode it covers (that episode's rows in the group, as one array):
     exactly what ``pq.write_table`` saw when it sliced the table of whole-episode batches (one chunk per
@@ -89,8 +93,12 @@ def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: 
     encoder chunked the episode -- is what keeps the bytes of every file as they were. Memory: one row
     group (<= ~ROW_GROUP_BYTES) plus one spilled chunk.
     """
-    group, filled = [], 0
+    group, filled, dataset = [], 0, None
     for key, episode in episodes:
+        if group and key[1] != dataset:  # each dataset's rows start a row group: see the docstring
+            yield pa.Table.from_batches(group, schema=schema)
+            group, filled = [], 0
+        dataset = key[1]
         pieces, start = [], 0
         for batch in episode.batches():
             validate_table_schema(batch.schema, schema, relpath)
@@ -121,8 +129,8 @@ def write_shard_file(
 
     ``items``: ``(key, rows)`` per episode, rows a ``SpilledEpisode`` (the pipeline), a record batch or a
     list of record batches (its chunks). Episodes in key order, each one's rows contiguous; zstd; row
-    groups of ~1000 rows or ~64 MiB (from the episodes' one-batch Arrow size, ``EpisodeRef.arrow_nbytes``);
-    statistics for every non-image column; dictionary encoding only for the string columns.
+    groups of ~1000 rows or ~64 MiB (from the episodes' one-batch Arrow size, ``EpisodeRef.arrow_nbytes``),
+    each dataset's rows starting a new one (``_row_groups``); statistics for every non-image column; dictionary encoding only for the string columns.
     Streamed: row group by row group from the spilled chunks into the file, hashed on the way, so a
     shard of one 20,000-step episode takes one row group of memory, not the episode or the file.
     Idempotent: a retried bundle rewrites the same bytes.
@@ -151,8 +159,10 @@ def write_shard_file(
             use_dictionary=[f.name for f in schema if f.type == pa.string()],
             write_statistics=[f.name for f in schema if f.name not in binary],
         ) as writer:
+            groups = 0
             for table in _row_groups(episodes, row_group, schema, relpath):
                 writer.write_table(table, row_group_size=row_group)
+                groups += 1
     return {
         "path": relpath,
         "split": split,
@@ -162,7 +172,7 @@ def write_shard_file(
         "episodes": len(episodes),
         "bytes": digest.size,
         "sha256": digest.hexdigest(),
-        "row_groups": -(-rows // row_group),
+        "row_groups": groups,
         "datasets": dict(sorted(per_dataset.items())),
     }
 

@@ -284,3 +284,32 @@ def test_absurd_sizes_are_one_line_user_errors(tmp_path, capsys, flag, value, me
     err = capsys.readouterr().err
     assert err.startswith(f"vlaprep shards: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_each_datasets_rows_start_a_row_group(data, tmp_path, monkeypatch):
+    """Two datasets in one file, row groups of 7 rows: no group holds both datasets' rows (a mixture reads
+    each dataset as its own stream), every dataset's rows fill groups of 7 from its first row, the manifest's
+    count is the file's, and the rows are those given, in key order."""
+    monkeypatch.setattr(shards_write, "ROW_GROUP_ROWS", 7)
+    spill, items = tmp_path / "spill", []
+    spill.mkdir()
+    for name in ("calvin", "bridge_orig"):
+        enc = encoder(data, name, chunk_rows=4)
+        for episode in episodes_of(data, name)[:3]:
+            key, ref = enc.encode(episode, str(spill))
+            items.append((key, SpilledEpisode(str(spill), ref)))
+    schema = options().schema()
+    info = write_shard_file(str(tmp_path / "out"), "train", 0, 1, items, schema, len(items))
+    parquet = pq.ParquetFile(tmp_path / "out" / info["path"])
+    rows = {name: sum(e.rows for key, e in items if key[1] == name) for name in ("bridge_orig", "calvin")}
+    assert all(n % 7 for n in rows.values())  # neither dataset ends on a group boundary: the old writer mixed them
+    groups = [parquet.read_row_group(k, columns=["dataset_name", "episode_id", "step_index"]) for k in range(parquet.num_row_groups)]
+    names = [sorted(set(g.column("dataset_name").to_pylist())) for g in groups]
+    assert all(len(n) == 1 for n in names)
+    for name, n in rows.items():
+        sizes = [g.num_rows for g, ns in zip(groups, names) if ns == [name]]
+        assert sizes == [7] * (n // 7) + [n % 7]
+    assert info["row_groups"] == parquet.num_row_groups == sum(-(-n // 7) for n in rows.values())
+    got = pa.concat_tables(groups)
+    want = sorted((k[1], k[2], step) for k, e in items for step in range(e.rows))
+    assert list(zip(*(got.column(c).to_pylist() for c in ("dataset_name", "episode_id", "step_index")))) == want
