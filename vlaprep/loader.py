@@ -18,8 +18,8 @@ What is served is what was published: a directory without ``manifest.json`` is r
 (``UnpublishedShardsError``; ``require_manifest=False`` reads ``<split>/*.parquet`` unverified, with a
 warning). Before the first row of a file is served, its size, sha256 (``verify_sha256``), row count and
 episode order are checked against the manifest (``ShardIntegrityError`` naming the file and both digests).
-A file is hashed once per process (digest cached by (path, size, mtime_ns, inode)); DataLoader workers
-forked after ``ShardDataset.verify()`` inherit the digests.
+A file is hashed once per dataset object and the DataLoader workers it forks (digests keyed by (path,
+size, mtime_ns, inode), shared through ``_DigestLedger``); ``ShardDataset.verify()`` hashes them all now.
 
 One item (S = image size, H = history, N = action chunk, D = action width, P = proprio width, L = tokens)::
 
@@ -92,7 +92,7 @@ JSON-serialisable. Restoring continues the exact sequence of an uninterrupted ru
 Object stores: ``gs://`` uses ``pyarrow.fs.GcsFileSystem`` (``STORAGE_EMULATOR_HOST`` honoured, for tests
 and local emulators; default credentials otherwise); other URIs use ``pyarrow.fs.FileSystem.from_uri``;
 ``filesystem=`` passes any pyarrow filesystem. Neither Beam nor gcsfs is needed. Remote files are hashed by
-streaming them once per process; with ``cache_dir=`` each file is instead downloaded once into a bounded
+streaming them once (per dataset and its forked workers); with ``cache_dir=`` each file is instead downloaded once into a bounded
 local cache (``cache_limit_bytes``, least recently used evicted first), hashed while it is written, and
 read locally from then on.
 
@@ -107,6 +107,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import io
 import json
@@ -114,6 +115,7 @@ import math
 import os
 import pickle
 import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -361,6 +363,37 @@ def cached_sha256(fs: pafs.FileSystem, path: str, key: tuple | None = None) -> s
         digest = sha256_file(fs, path)
         _DIGESTS[key] = digest
     return digest
+
+
+class _DigestLedger:
+    """Digests shared by the processes of one DataLoader: the dataset's process and the workers it forks.
+
+    An unlinked temporary file made where the dataset is built, so forked workers inherit its descriptor:
+    slot i (file i of the split) holds the hash of the file's identity (path, size, mtime_ns, inode) and
+    its sha256. A process that needs file i locks byte i (``fcntl.lockf``: released if the process dies),
+    takes the slot's digest if it is for this identity, else hashes the file and records it. So each file
+    is hashed once per DataLoader, not once per worker, and a worker never serves a file before its digest
+    is known; the digest is still compared with the manifest in every process. Not carried by pickling
+    (spawned workers then hash for themselves)."""
+
+    SLOT = 64  # identity hash 32 bytes, sha256 32 bytes
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="vlaprep-digests-")
+
+    def digest(self, index: int, key: tuple, compute: Callable[[], str]) -> str:
+        fd = self.file.fileno()
+        ident = hashlib.sha256(repr(key).encode()).digest()
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, index)
+        try:
+            slot = os.pread(fd, self.SLOT, index * self.SLOT)
+            if len(slot) == self.SLOT and slot[:32] == ident:
+                return slot[32:].hex()
+            digest = compute()
+            os.pwrite(fd, ident + bytes.fromhex(digest), index * self.SLOT)
+            return digest
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)
 
 
 class _FileCache:
@@ -1262,10 +1295,10 @@ class ShardDataset(IterableDataset):
     dataset they were started with; ``ShardLoader`` starts fresh workers per epoch.
 
     Integrity: ``require_manifest=True`` refuses a directory without ``manifest.json``;
-    ``verify_sha256=True`` hashes each file once per process before serving it (2-11% of an epoch's time
-    over local files; benchmarks/loader_benchmark.py), and then PNG decoding skips the streams' own adler32
-    checks, which pays most of it back. ``verify()`` hashes every file of the split now:
-    DataLoader workers forked afterwards inherit the digests. The check is by path: a file swapped between
+    ``verify_sha256=True`` hashes each file once (per dataset and the DataLoader workers it forks) before
+    serving it (2-11% of an epoch's time over local files; benchmarks/loader_benchmark.py), and then PNG
+    decoding skips the streams' own adler32 checks, which pays most of it back. ``verify()`` hashes every
+    file of the split now: DataLoader workers forked afterwards inherit the digests. The check is by path: a file swapped between
     its check and its open is not caught.
     """
 
@@ -1366,6 +1399,9 @@ class ShardDataset(IterableDataset):
             )
         # Every file is hashed against the manifest before it is read (see decode_frames' digest_checked).
         self.digests_checked = self.verify_sha256 and all(f.sha256 is not None for f in self.files)
+        # Digests shared with the DataLoader workers this process forks (see _DigestLedger).
+        self._ledger = _DigestLedger() if self.verify_sha256 and self.files else None
+        self._file_number = {f.path: i for i, f in enumerate(self.files)}
         # One footer read (of a verified file): the schema every file must share.
         self.schema = self._open(self.files[0]).parquet.schema_arrow
         self.layout = ShardLayout.from_schema(self.schema, self.manifest.options if self.manifest else None,
@@ -1395,7 +1431,8 @@ class ShardDataset(IterableDataset):
         """Check every file of the split against the manifest now (size, sha256), in this process.
 
         Raises ``ShardIntegrityError`` at the first mismatch. DataLoader workers forked after this call
-        inherit the cached digests and do not hash again; without it each worker hashes what it reads."""
+        inherit the cached digests and do not hash again; without it the first worker to read a file hashes
+        it and the others take its digest from the ledger they share."""
         for f in self.files:
             self._local(f)
 
@@ -1523,6 +1560,7 @@ class ShardDataset(IterableDataset):
         state["_readers"] = collections.OrderedDict()
         state["_row_groups"] = _RowGroups()
         state["_share"] = False
+        state["_ledger"] = None  # an open file: a spawned process hashes for itself
         return state
 
     def _fs_base(self) -> tuple[pafs.FileSystem, str]:
@@ -1538,7 +1576,7 @@ class ShardDataset(IterableDataset):
 
     def _local(self, f: ShardFile) -> tuple[pafs.FileSystem, str]:
         """(filesystem, path) to read ``f`` from, after checking it: exists, manifest size, sha256
-        (``verify_sha256``; once per process). Remote files come through the cache when there is one."""
+        (``verify_sha256``; once per dataset and its forked workers). Remote files come through the cache when there is one."""
         fs, base = self._fs_base()
         path, where = _join(base, f.path), self._where(f.path)
         if self._cache is not None and not isinstance(fs, pafs.LocalFileSystem) and f.sha256 and f.bytes is not None:
@@ -1558,7 +1596,12 @@ class ShardDataset(IterableDataset):
                 "was the file replaced after the manifest was written?"
             )
         if self.verify_sha256 and f.sha256 is not None:
-            digest = cached_sha256(fs, path, key)
+            digest = _DIGESTS.get(key)
+            if digest is None:
+                ledger, index = self._ledger, self._file_number.get(f.path)
+                digest = (ledger.digest(index, key, lambda: cached_sha256(fs, path, key)) if ledger is not None and index is not None
+                          else cached_sha256(fs, path, key))
+                _DIGESTS[key] = digest
             if digest != f.sha256:
                 raise ShardIntegrityError(
                     f"expected sha256 {f.sha256} for {where} (from {MANIFEST_NAME}), got {digest}: the file was modified "

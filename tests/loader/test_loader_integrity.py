@@ -218,7 +218,7 @@ def _hash_log(monkeypatch, log_path):
     return read
 
 
-def test_each_worker_hashes_what_it_reads_and_forked_workers_inherit_verify(tmp_path, monkeypatch):
+def test_workers_hash_each_file_once_and_later_workers_reuse_the_digests(tmp_path, monkeypatch):
     rels = write_output(tmp_path)
     names = sorted(os.path.basename(r) for r in rels)
     log = _hash_log(monkeypatch, tmp_path / "hashes.log")
@@ -231,25 +231,48 @@ def test_each_worker_hashes_what_it_reads_and_forked_workers_inherit_verify(tmp_
     rows = epoch(ds)
     assert len(rows) == 13 and len(set(rows)) == 13
     calls = log()
-    # 4 files, 2 workers: each worker hashes only the files dealt to it; file 0 was hashed at construction
-    # in this process and forked workers inherit the digest.
+    # 4 files, 2 workers: each file hashed once in all; file 0 at construction in this process (forked
+    # workers inherit the digest), the others by the worker that read it first.
     assert sorted(name for _, name in calls) == names
     assert {pid for pid, _ in calls} - {str(os.getpid())}, "workers hashed nothing"
 
     (tmp_path / "hashes.log").unlink()
     persistent = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_vla, multiprocessing_context="fork",
                             persistent_workers=True)
-    for _ in range(2):  # the second epoch reuses the workers and their cache
+    for _ in range(2):  # new workers of the same dataset: the digests its earlier workers recorded
         assert sorted((e, int(s)) for b in persistent for e, s in zip(b["episode_id"], b["step_index"])) == rows
-    # Forked from this process, whose cache holds file 0 only: files 1-3 hashed once, in the first epoch.
-    assert sorted(name for _, name in log()) == names[1:]
-    assert all(pid != str(os.getpid()) for pid, _ in log())
+    assert log() == []
 
-    (tmp_path / "hashes.log").unlink()
-    ds.verify()  # every file hashed here (those still uncached), then inherited by every forked worker
-    here = len(log())
-    assert epoch(ds) == rows
-    assert len(log()) == here and all(pid == str(os.getpid()) for pid, _ in log())
+    ds.verify()  # nothing left to hash either
+    assert log() == [] and epoch(ds) == rows and log() == []
+    # A new dataset object (its own ledger) over the same files, workers forked from this process whose own
+    # cache now holds every digest (verify above): nothing hashed; a fresh process family would hash again.
+    assert epoch(ShardDataset(tmp_path, seed=0)) == rows and log() == []
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_a_file_several_workers_read_is_hashed_once(tmp_path, monkeypatch):
+    """One file read by all three workers (fewer files than workers: dealt by episodes), hashed once (the
+    digest ledger they share); the other hashed at construction."""
+    rels = write_output(tmp_path, files=[[(0, 1)], [(1, 3), (2, 3), (3, 3), (4, 3)]])
+    log = _hash_log(monkeypatch, tmp_path / "hashes.log")
+    opened = tmp_path / "opened.log"
+    original = loader._OpenShard.__init__
+
+    def logging_open(self, source, remote):
+        with open(opened, "a") as f:
+            f.write(f"{os.getpid()} {os.path.basename(source.path) if hasattr(source, 'path') else ''}\n")
+        original(self, source, remote)
+
+    monkeypatch.setattr(loader._OpenShard, "__init__", logging_open)
+    ds = ShardDataset(tmp_path, shuffle=False)
+    rows = sorted((e, int(s)) for b in DataLoader(ds, batch_size=2, num_workers=3, collate_fn=collate_vla,
+                                                  multiprocessing_context="fork")
+                  for e, s in zip(b["episode_id"], b["step_index"]))
+    assert len(rows) == 13
+    readers = {line.split()[0] for line in opened.read_text().splitlines()} - {str(os.getpid())}
+    assert len(readers) == 3  # every worker opened file 1 (12 of the 13 rows, 4 episodes)
+    assert sorted(name for _, name in log()) == sorted(os.path.basename(r) for r in rels)  # each file once
 
 
 # --------------------------------------------------------------------------------------------------
