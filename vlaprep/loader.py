@@ -92,9 +92,9 @@ JSON-serialisable. Restoring continues the exact sequence of an uninterrupted ru
 Object stores: ``gs://`` uses ``pyarrow.fs.GcsFileSystem`` (``STORAGE_EMULATOR_HOST`` honoured, for tests
 and local emulators; default credentials otherwise); other URIs use ``pyarrow.fs.FileSystem.from_uri``;
 ``filesystem=`` passes any pyarrow filesystem. Neither Beam nor gcsfs is needed. Remote files are hashed by
-streaming them once (per dataset and its forked workers); with ``cache_dir=`` each file is instead downloaded once into a bounded
-local cache (``cache_limit_bytes``, least recently used evicted first), hashed while it is written, and
-read locally from then on.
+streaming them once (per dataset and its forked workers); with ``cache_dir=`` each file is instead
+downloaded once into a bounded local cache (``cache_limit_bytes``, least recently used evicted first),
+hashed while it is written, and read locally from then on.
 
 Augmentation (``augment="openvla"``): OpenVLA's training image augmentation, see ``openvla_augment``.
 
@@ -1576,7 +1576,8 @@ class ShardDataset(IterableDataset):
 
     def _local(self, f: ShardFile) -> tuple[pafs.FileSystem, str]:
         """(filesystem, path) to read ``f`` from, after checking it: exists, manifest size, sha256
-        (``verify_sha256``; once per dataset and its forked workers). Remote files come through the cache when there is one."""
+        (``verify_sha256``; once per dataset and its forked workers). Remote files come through the cache when
+        there is one."""
         fs, base = self._fs_base()
         path, where = _join(base, f.path), self._where(f.path)
         if self._cache is not None and not isinstance(fs, pafs.LocalFileSystem) and f.sha256 and f.bytes is not None:
@@ -1599,8 +1600,10 @@ class ShardDataset(IterableDataset):
             digest = _DIGESTS.get(key)
             if digest is None:
                 ledger, index = self._ledger, self._file_number.get(f.path)
-                digest = (ledger.digest(index, key, lambda: cached_sha256(fs, path, key)) if ledger is not None and index is not None
-                          else cached_sha256(fs, path, key))
+                if ledger is not None and index is not None:
+                    digest = ledger.digest(index, key, lambda: cached_sha256(fs, path, key))
+                else:
+                    digest = cached_sha256(fs, path, key)
                 _DIGESTS[key] = digest
             if digest != f.sha256:
                 raise ShardIntegrityError(
@@ -1969,7 +1972,8 @@ class _WorkerIterator:
             if src == Column.IMAGE_PRIMARY and ds.augment == "openvla":
                 frames = openvla_augment(frames, openvla_augment_params(rows.keys, ds.seed, self.epoch))
             if ds.pixel_dtype == "float32":  # in a worker straight into shared memory (not copied there after)
-                pixels = shared_empty(frames.shape, torch.float32) if ds._share else torch.empty(frames.shape, dtype=torch.float32)
+                shape = frames.shape
+                pixels = shared_empty(shape, torch.float32) if ds._share else torch.empty(shape, dtype=torch.float32)
                 frames = pixels.copy_(frames).div_(255.0)
             out[dst] = frames
         if HISTORY_MASK in cols:
@@ -2012,7 +2016,7 @@ def as_shared_tensor(value: np.ndarray) -> torch.Tensor:
     root = value
     while isinstance(root, np.ndarray):
         root = root.base
-    if isinstance(root, torch.Tensor) and root.is_shared() and value.itemsize == root.element_size():
+    if isinstance(root, torch.Tensor) and root.is_shared() and torch.from_numpy(value[:0]).dtype == root.dtype:
         offset, misaligned = divmod(value.ctypes.data - root.data_ptr(), value.itemsize)
         if not misaligned and all(st % value.itemsize == 0 for st in value.strides):
             return root.as_strided(value.shape, [st // value.itemsize for st in value.strides],
