@@ -48,10 +48,12 @@ repeated (mask False) before the episode start.
 Order (deterministic in seed, epoch, rank and worker; G = world_size * num_workers global workers, global
 worker ``rank * num_workers + worker``):
 
-* Pieces: the split's files (or, with a mixture, each dataset's row range in each file), permuted with
-  (seed, epoch) when ``shuffle``, dealt round-robin to the G global workers; with fewer than G, cut at
-  row-group boundaries moved forward to the next episode start. A worker reads its pieces in order,
-  rows in order: its *stream*.
+* Pieces: the split's files, permuted with (seed, epoch) when ``shuffle``, their rows in that order cut
+  into G contiguous runs of about equal length, each cut moved to the nearest episode start (workers, and
+  ranks, differ by about an episode's rows). With a mixture, each dataset's row range in each file,
+  permuted the same way, dealt round-robin to the G global workers (with fewer than G, cut at row-group
+  boundaries moved forward to the next episode start). A worker reads its pieces in order, rows in
+  order: its *stream*.
 * Shuffle: the stream is cut into windows of ``shuffle_buffer`` consecutive items and each window is
   emitted in a random permutation seeded by (seed, epoch, global worker, window). Memory is one window of
   compressed rows (plus the Parquet row group each of the worker's streams is reading: one per dataset
@@ -64,8 +66,8 @@ worker ``rank * num_workers + worker``):
   (OpenVLA's global shuffle buffer after ``sample_from_datasets``).
 
 Epoch:
-* ``mixture=None``: one pass over the split; every row exactly once across all ranks x workers (ranks may
-  receive different numbers of rows).
+* ``mixture=None``: one pass over the split; every row exactly once across all ranks x workers (ranks
+  receive equal numbers of rows within about an episode; stop all ranks at the shortest for DDP).
 * mixture: OpenVLA's effective dataset length ``L = int(max_i(rows_i / p_i))`` over the *primary*
   datasets (weight == 1.0, as OpenVLA; all sampled datasets if none has weight 1.0), rows_i = the
   dataset's rows in this split: the number of samples after which every primary dataset has been seen once
@@ -1704,14 +1706,54 @@ class ShardDataset(IterableDataset):
             order = _rng(self.seed, epoch, _TAG_FILES, salt).permutation(len(segments))
             segments = [segments[i] for i in order]
         by_file = {f.path: f for f in self.files}
+        if dataset is None:
+            plan = self._balanced([self._concrete(by_file[s.path], s) for s in segments], G, by_file)
+            self._plans[key] = plan
+            return plan
         if len(segments) < G:
             segments = [p for s in segments for p in self._episode_aligned(by_file[s.path], s)]
         segments = [self._concrete(by_file[s.path], s) for s in segments]
-        if dataset is not None and 0 < len(segments) < G:
+        if 0 < len(segments) < G:
             plan = [(segments[g % len(segments)],) for g in range(G)]  # shared (repeat within the mixture)
         else:
             plan = [tuple(segments[g::G]) for g in range(G)]
         self._plans[key] = plan
+        return plan
+
+    def _balanced(self, segments: list[ShardSlice], G: int, by_file: dict[str, ShardFile]) -> list[tuple[ShardSlice, ...]]:
+        """The split's plan: its rows in segment order cut into G contiguous runs, run g ending near
+        (g + 1) / G of the rows, at the episode start nearest to it (a piece starts an episode: history
+        windows never reach before it). Global workers -- and so ranks -- get equal rows within about an
+        episode, not within a file: dealing whole files left a worker (or a rank) with up to a file's rows
+        more than another, which the others wait for at the end of every epoch. Only the files a cut falls
+        in are indexed."""
+        lengths = np.array([s.stop - s.start for s in segments], np.int64)
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        cuts = [0]
+        for k in range(1, G):
+            target = (k * total + G // 2) // G
+            i = int(np.searchsorted(ends, target, side="right"))
+            cut = total
+            if i < len(segments):
+                seg, first = segments[i], int(ends[i] - lengths[i])
+                cut = target
+                if target > first:  # inside the segment: the nearest episode start (or its end)
+                    starts = self._file_index(by_file[seg.path]).episode_starts
+                    inside = starts[(starts > seg.start) & (starts < seg.stop)]
+                    candidates = np.concatenate([[seg.start], inside, [seg.stop]]) - seg.start + first
+                    cut = int(candidates[np.argmin(np.abs(candidates - target))])  # ties: the earlier
+            cuts.append(max(cut, cuts[-1]))
+        cuts.append(total)
+        plan = []
+        for g in range(G):
+            a, b = cuts[g], cuts[g + 1]
+            pieces = []
+            for seg, first, end in zip(segments, (ends - lengths).tolist(), ends.tolist()):
+                lo, hi = max(a, first), min(b, end)
+                if lo < hi:
+                    pieces.append(dataclasses.replace(seg, start=seg.start + lo - first, stop=seg.start + hi - first))
+            plan.append(tuple(pieces))
         return plan
 
     def _concrete(self, f: ShardFile, s: ShardSlice) -> ShardSlice:

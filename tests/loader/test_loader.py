@@ -228,17 +228,28 @@ def test_fewer_files_than_workers_splits_at_episode_aligned_row_groups(tmp_path)
         assert len(mine) > 1
 
 
-def test_more_files_than_workers_deals_whole_files_round_robin(tmp_path):
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 3), (3, 2)])
+def test_workers_get_contiguous_runs_cut_at_the_episode_start_nearest_an_equal_share(tmp_path, world_size, num_workers):
+    """Without shuffling the split is its files in order; global worker g reads the rows between the episode
+    starts nearest g/G and (g+1)/G of them (ties: the earlier), so workers differ by about an episode, not
+    by a file (dealing whole files gave 10 and 14 of these 24 rows to two workers)."""
     write_shards(tmp_path, MANY_FILES)
-    paths = [f"train/shard-{i:05d}-of-00005.parquet" for i in range(5)]
-    got = {}
-    for rank in range(2):
-        ds = ShardDataset(tmp_path, rank=rank, world_size=2, shuffle=False)
-        for worker in range(2):
-            got[rank * 2 + worker] = ds.slices_for(worker, 2)
-    for g, pieces in got.items():
-        assert [p.path for p in pieces] == paths[g::4]
-        assert all(p.start == 0 and p.stop == p.rows for p in pieces)  # whole files
+    lengths = [n for episodes in MANY_FILES for _, n in episodes]
+    starts = [sum(lengths[:i]) for i in range(len(lengths) + 1)]  # every episode start, then the end
+    total, G = starts[-1], world_size * num_workers
+    cuts = [0] + [min(starts, key=lambda x: (abs(x - round(k * total / G)), x)) for k in range(1, G)] + [total]
+    file_rows = [sum(n for _, n in episodes) for episodes in MANY_FILES]
+    file_first = [sum(file_rows[:f]) for f in range(len(file_rows))]
+    for rank in range(world_size):
+        ds = ShardDataset(tmp_path, rank=rank, world_size=world_size, shuffle=False)
+        lengths_now = ds.worker_lengths(num_workers)
+        for worker in range(num_workers):
+            g = rank * num_workers + worker
+            got = [(int(p.path.split("-")[1]), p.start, p.stop) for p in ds.slices_for(worker, num_workers)]
+            want = [(f, max(cuts[g], first) - first, min(cuts[g + 1], first + n) - first)
+                    for f, (first, n) in enumerate(zip(file_first, file_rows)) if max(cuts[g], first) < min(cuts[g + 1], first + n)]
+            assert got == want, (g, got, want)
+            assert lengths_now[worker] == cuts[g + 1] - cuts[g]
 
 
 # --------------------------------------------------------------------------------------------------
