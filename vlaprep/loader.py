@@ -114,6 +114,7 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -122,6 +123,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -1948,7 +1950,9 @@ class _WorkerIterator:
             a = max(start - lo, 0)
             while a < hi - lo:
                 b = min(a + chunk - (lo + a - start) % chunk, hi - lo)
-                yield unit.gather(order[a:b])
+                # Exactly one batch: a full one, or the last of the pass (kept unless drop_last).
+                whole = (lo + a - start) % chunk == 0 and (b - a == chunk or (lo + b == self.total and not ds.drop_last))
+                yield unit.gather(order[a:b], whole=whole)
                 a = b
             carry = unit.carry_out()
             consumed = consumed + np.bincount(ids, minlength=len(streams))
@@ -2015,7 +2019,7 @@ class _WorkerIterator:
                 frames = openvla_augment(frames, openvla_augment_params(rows.keys, ds.seed, self.epoch))
             if ds.pixel_dtype == "float32":  # in a worker straight into shared memory (not copied there after)
                 shape = frames.shape
-                pixels = shared_empty(shape, torch.float32) if ds._share else torch.empty(shape, dtype=torch.float32)
+                pixels = _worker_pixels(shape) if ds._share else torch.empty(shape, dtype=torch.float32)
                 frames = pixels.copy_(frames).div_(255.0)
             out[dst] = frames
         if HISTORY_MASK in cols:
@@ -2047,6 +2051,120 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(_new_shared_storage(nbytes), 0, tuple(shape))
 
 
+_BLOCK_HEADER = 4096  # a pool block's first page; byte 0: 1 while the main process may hold the block
+_POOL_BLOCKS = 8  # per worker: batches in DataLoader's queue (prefetch_factor) plus those the trainer holds
+
+
+class _FrameBlock:
+    """A shared-memory block (memfd) of a worker's ``_FramePool``: a header page, then ``nbytes`` of frames."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.fd = os.memfd_create("vlaprep-frames", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, _BLOCK_HEADER + nbytes)
+        self.mm = mmap.mmap(self.fd, _BLOCK_HEADER + nbytes)
+        self.payload = np.frombuffer(self.mm, np.uint8, nbytes, _BLOCK_HEADER)
+        self.address = self.payload.ctypes.data
+
+    @property
+    def in_use(self) -> bool:
+        return self.mm[0] != 0
+
+
+class _FramePool:
+    """The shared-memory blocks one DataLoader worker decodes its batches' frames into, reused once the
+    main process has let go of them.
+
+    A fresh shared-memory segment per batch costs more than decoding it (every page allocated, zeroed and
+    charged on first touch, then torn down: ~3.5 ms per 32 frames of 224 px here). A block crosses to the
+    main process as its descriptor (``_PooledFrames``) and becomes a tensor over its mapping there; when
+    every reference to that tensor, its views and their NumPy arrays is gone, the mapping's finalizer clears
+    the block's in-use byte and the worker may decode into it again. A block still in use is never
+    written: when all are, the frames go to a fresh segment as before."""
+
+    def __init__(self):
+        self.blocks: list[_FrameBlock] = []
+
+    def array(self, shape: Sequence[int], dtype) -> np.ndarray | None:
+        """A free block's payload as an array of ``shape`` (marked in use), or None when none can be had."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        block = next((b for b in self.blocks if b.nbytes == nbytes and not b.in_use), None)
+        if block is None:
+            if len(self.blocks) >= _POOL_BLOCKS:
+                spare = next((b for b in self.blocks if not b.in_use), None)  # free, of another size
+                if spare is None:
+                    return None
+                self.blocks.remove(spare)  # its mapping goes with the last view of it
+                os.close(spare.fd)
+            block = _FrameBlock(nbytes)
+            self.blocks.append(block)
+        block.mm[0] = 1
+        return block.payload.view(dtype).reshape(tuple(shape))
+
+    def handle(self, value: torch.Tensor) -> _PooledFrames | None:
+        """``value`` as the block it fills exactly (contiguous), ready to cross; None when it is not one."""
+        nbytes = value.numel() * value.element_size()
+        for block in self.blocks:
+            if block.address == value.data_ptr() and block.nbytes == nbytes and value.is_contiguous() and block.in_use:
+                return _PooledFrames(block, tuple(value.shape), value.dtype)
+        return None
+
+
+_POOL: dict[int, _FramePool] = {}
+
+
+def _frame_pool() -> _FramePool | None:
+    """This process's pool (None where there is no memfd: frames then go to fresh segments)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    return _POOL.setdefault(os.getpid(), _FramePool())
+
+
+class _PooledFrames:
+    """A batch's frames in a pool block on their way to the main process: pickled as the block's file
+    descriptor (as torch sends a shared tensor), rebuilt there by ``_rebuild_pooled_frames``."""
+
+    def __init__(self, block: _FrameBlock, shape: tuple[int, ...], dtype: torch.dtype):
+        self.block, self.shape, self.dtype = block, shape, dtype
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _rebuild_pooled_frames, (DupFd(self.block.fd), self.block.nbytes, self.shape, str(self.dtype).split(".")[-1])
+
+
+def _rebuild_pooled_frames(fd, nbytes: int, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    """In the receiving process: the block mapped, as a tensor; its release marks the block free."""
+    fd = fd.detach()
+    mm = mmap.mmap(fd, _BLOCK_HEADER + nbytes)
+    weakref.finalize(mm, _release_block, fd)
+    kind = getattr(torch, dtype)
+    return torch.frombuffer(mm, dtype=kind, count=nbytes // torch.empty(0, dtype=kind).element_size(),
+                            offset=_BLOCK_HEADER).view(shape)
+
+
+def _release_block(fd: int) -> None:
+    try:
+        os.pwrite(fd, b"\0", 0)
+    finally:
+        os.close(fd)
+
+
+def _worker_pixels(shape: Sequence[int]) -> torch.Tensor:
+    """float32 pixels of ``shape`` in a DataLoader worker: a free pool block, else a fresh segment."""
+    pool = _frame_pool()
+    out = pool.array(shape, np.float32) if pool is not None else None
+    return torch.from_numpy(out) if out is not None else shared_empty(shape, torch.float32)
+
+
+def worker_frames(shape: tuple[int, ...]) -> np.ndarray:
+    """``decode_frames``' ``allocate`` in a DataLoader worker: a free pool block, else a fresh segment."""
+    pool = _frame_pool()
+    out = pool.array(shape, np.uint8) if pool is not None else None
+    return out if out is not None else shared_frames(shape)
+
+
 def shared_frames(shape: tuple[int, ...]) -> np.ndarray:
     """uint8 array of ``shape`` in shared memory: ``decode_frames``' ``allocate`` in a DataLoader worker."""
     return shared_empty(shape, torch.uint8).numpy()  # its .base: a tensor on the shared storage (``as_shared_tensor``)
@@ -2072,8 +2190,16 @@ def share_batch(batch: dict) -> dict:
     A DataLoader worker pickles a batch tensor by tensor: each one not already shared is copied into a new
     shared-memory segment whose file descriptor the main process then fetches over a socket -- ~13 round
     trips and copies per batch here, more time than reading the batch's rows. Packed, a batch crosses as
-    two descriptors (this block and the frames decoded into shared memory) and its frames are not copied.
+    two descriptors (this block and the frames decoded into shared memory) and its frames are not copied;
+    frames in a ``_FramePool`` block cross as that block (``_PooledFrames``), which the worker reuses once
+    the main process has let go of it.
     ``collate_vla`` does the same for batches a DataLoader collates from items in its workers."""
+    pool = _frame_pool()
+    batch = dict(batch)
+    for k, v in batch.items():
+        handle = pool.handle(v) if pool is not None and isinstance(v, torch.Tensor) else None
+        if handle is not None:
+            batch[k] = handle
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and not v.is_shared()}
     if not tensors:
         return batch
@@ -2177,7 +2303,7 @@ class _Unit:
         try:
             # Module-level lookup: tests count calls.
             return decode_frames(self.col(name).views(rows), size, digest_checked=self.ds.digests_checked,
-                                 allocate=shared_frames if shared else None)
+                                 allocate=worker_frames if shared else None)
         except FrameShapeError as e:
             row = int(rows[e.index])
             expected = "options.image_size" if size is not None else "the size of the batch's first frame"
@@ -2187,9 +2313,11 @@ class _Unit:
                 f"{e.shape} (H, W, C)"
             ) from None
 
-    def gather(self, idx: np.ndarray) -> _Rows:
-        """Items ``idx`` (positions in this unit) as columns."""
+    def gather(self, idx: np.ndarray, whole: bool = False) -> _Rows:
+        """Items ``idx`` (positions in this unit) as columns; ``whole``: they are exactly one batch, so their
+        frames may be decoded into the memory the batch is handed over in."""
         ds = self.ds
+        shared = self.handed_over and whole
         H = ds.history
         rows = self.item_rows[idx]
         hist = self.hist[idx]  # [n, H]
@@ -2216,14 +2344,14 @@ class _Unit:
                 cols[Column.IMAGE_PRIMARY] = ([[data.value(r) for r in h] for h in hist] if H > 1
                                               else [data.value(r) for r in rows])
             else:
-                cols[Column.IMAGE_PRIMARY] = (self.decode(rows, Column.IMAGE_PRIMARY, shared=self.handed_over) if H == 1
+                cols[Column.IMAGE_PRIMARY] = (self.decode(rows, Column.IMAGE_PRIMARY, shared=shared) if H == 1
                                               else self._history(hist))
         if Column.IMAGE_WRIST in ds.columns:
             if not ds.decode_images:
                 data = self.col(Column.IMAGE_WRIST)
                 cols[Column.IMAGE_WRIST] = [data.value(r) for r in rows]
             else:
-                cols[Column.IMAGE_WRIST] = self.decode(rows, Column.IMAGE_WRIST, shared=self.handed_over)
+                cols[Column.IMAGE_WRIST] = self.decode(rows, Column.IMAGE_WRIST, shared=shared)
         if H > 1 and (Column.IMAGE_PRIMARY in ds.columns or Column.PROPRIO in ds.columns):
             cols[HISTORY_MASK] = self.mask[idx]
         keys = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import pathlib
 import struct
 import zlib
@@ -318,3 +319,68 @@ def test_worker_batches_cross_as_two_shared_blocks_and_equal_in_process_batches(
             own = frames.untyped_storage().nbytes() == frames.numel()
             assert own == (j not in spanning), (j, key)
         assert len(storages) == (3 if j not in spanning else 1), j
+
+
+def test_a_pooled_block_crosses_as_its_descriptor_and_is_free_again_once_released():
+    """A frame block pickled as DataLoader pickles batches: rebuilt as a tensor over the same memory; the
+    block stays in use while that tensor or any view of it lives, and is free once they are gone."""
+    import gc
+    from multiprocessing.reduction import ForkingPickler
+
+    pool = loader._FramePool()
+    frames = pool.array((2, 3, 4, 4), np.uint8)
+    frames[...] = np.arange(96, dtype=np.uint8).reshape(2, 3, 4, 4)
+    (block,) = pool.blocks
+    handle = pool.handle(torch.from_numpy(frames))
+    assert handle is not None and block.in_use
+    assert pool.handle(torch.from_numpy(frames[:1])) is None  # only a tensor filling the block crosses as it
+    received = ForkingPickler.loads(bytes(ForkingPickler.dumps(handle)))
+    assert received.dtype == torch.uint8 and torch.equal(received, torch.from_numpy(frames.copy()))
+    view, array = received[1], received.numpy()
+    frames[1, 0, 0, 0] = 200  # the same memory: no copy was made
+    assert int(view[0, 0, 0]) == 200 and int(array[1, 0, 0, 0]) == 200
+    del received, handle
+    gc.collect()
+    assert block.in_use  # a view and an array still hold it
+    assert pool.array((2, 3, 4, 4), np.uint8) is not None and len(pool.blocks) == 2  # so a new block, not it
+    del view, array
+    gc.collect()
+    assert not block.in_use
+    again = pool.array((2, 3, 4, 4), np.uint8)
+    assert again.ctypes.data == block.address and len(pool.blocks) == 2  # reused
+
+
+def test_worker_reuses_released_frame_blocks_and_never_one_still_held(shards, monkeypatch, tmp_path):
+    """Batches dropped as they come: a worker decodes into a few blocks over and over; batches all kept:
+    every one keeps its own frames (blocks in use are not written; beyond the pool, fresh segments)."""
+    log = tmp_path / "blocks.log"  # per block handed out in the worker: "new" or "reused"
+    original = loader._FramePool.array
+
+    def logged(self, shape, dtype):
+        before = {b.address for b in self.blocks}
+        out = original(self, shape, dtype)
+        if out is not None:
+            with open(log, "a") as f:
+                f.write("reused\n" if out.ctypes.data in before else "new\n")
+        return out
+
+    monkeypatch.setattr(loader._FramePool, "array", logged)
+    monkeypatch.setattr(loader, "MIN_UNIT_ROWS", 40)
+    kw = dict(split="train", seed=4, shuffle_buffer=5, batch_size=2, pixel_dtype="uint8")
+    expected = [(b["pixel_values"].clone(), b["wrist_pixel_values"].clone()) for b in ShardDataset(shards, **kw)]
+    assert len(expected) > 2 * loader._POOL_BLOCKS
+    dropped = []
+    for batch in torch.utils.data.DataLoader(ShardDataset(shards, **kw), batch_size=None, num_workers=1):
+        dropped.append(torch.equal(batch["pixel_values"], expected[len(dropped)][0])
+                       and torch.equal(batch["wrist_pixel_values"], expected[len(dropped)][1]))
+        del batch
+    assert all(dropped) and len(dropped) == len(expected)
+    events = log.read_text().splitlines()
+    # Two cameras: two blocks a batch; a few batches out at once (2 prefetched, 1 here), the rest reused.
+    assert 2 <= events.count("new") <= loader._POOL_BLOCKS and events.count("reused") >= len(expected)
+    log.unlink()
+    kept = list(torch.utils.data.DataLoader(ShardDataset(shards, **kw), batch_size=None, num_workers=1))
+    assert len(kept) == len(expected)
+    for batch, (primary, wrist) in zip(kept, expected):
+        assert torch.equal(batch["pixel_values"], primary) and torch.equal(batch["wrist_pixel_values"], wrist)
+    assert log.read_text().splitlines() == ["new"] * loader._POOL_BLOCKS  # the pool filled, then fresh segments
