@@ -98,6 +98,11 @@ streaming them once (per dataset and its forked workers); with ``cache_dir=`` ea
 downloaded once into a bounded local cache (``cache_limit_bytes``, least recently used evicted first),
 hashed while it is written, and read locally from then on.
 
+Hand-off from DataLoader workers (``batch_size=B``): chunks are cut where batches end, so a batch is one
+gather whose frames are decoded straight into a block of the worker's ``_FramePool`` (shared memory,
+reused once the main process has dropped every tensor over it); the other tensors are packed into one
+shared block (``share_batch``). ``collate_vla`` in a worker stacks frames into shared memory likewise.
+
 Augmentation (``augment="openvla"``): OpenVLA's training image augmentation, see ``openvla_augment``.
 
 Only torch, numpy, pyarrow, pillow (and jsonschema via the manifest reader) are imported here: no Beam,
