@@ -56,7 +56,7 @@ worker ``rank * num_workers + worker``):
   order: its *stream*.
 * Shuffle: the stream is cut into windows of ``shuffle_buffer`` consecutive items and each window is
   emitted in a random permutation seeded by (seed, epoch, global worker, window). Memory is one window of
-  compressed rows (plus the Parquet row group each of the worker's streams is reading: one per dataset
+  compressed rows (two in a DataLoader worker, which reads the next unit ahead on a thread) (plus the Parquet row group each of the worker's streams is reading: one per dataset
   of a mixture), and any position can be resumed by re-reading one window.
 * Mixture (``mixture=``): as OpenVLA's ``make_interleaved_dataset``: each item comes from dataset i with
   probability p_i = w_i * n_i / sum_j w_j * n_j (``balance_weights``; n_i = num_transitions from the
@@ -102,6 +102,7 @@ Hand-off from DataLoader workers (``batch_size=B``): chunks are cut where batche
 gather whose frames are decoded straight into a block of the worker's ``_FramePool`` (shared memory,
 reused once the main process has dropped every tensor over it); the other tensors are packed into one
 shared block (``share_batch``). ``collate_vla`` in a worker stacks frames into shared memory likewise.
+A worker reads its next unit on a read-ahead thread while it gathers the current one (``_read_ahead``).
 
 Augmentation (``augment="openvla"``): OpenVLA's training image augmentation, see ``openvla_augment``.
 
@@ -112,6 +113,7 @@ no TensorFlow.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import fcntl
@@ -1869,6 +1871,17 @@ class ShardDataset(IterableDataset):
 # One worker's iteration
 
 
+_READ_AHEAD: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _read_ahead() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's read-ahead thread (one: per process, so a forked worker makes its own)."""
+    pid = os.getpid()
+    if pid not in _READ_AHEAD:
+        _READ_AHEAD[pid] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlaprep-read-ahead")
+    return _READ_AHEAD[pid]
+
+
 class _WorkerIterator:
     """Iterates one global worker's epoch from ``start`` (items), unit by unit, and knows its position."""
 
@@ -1941,27 +1954,47 @@ class _WorkerIterator:
         carry: dict[tuple, np.ndarray] = {}
         # A batch is gathered as one chunk: its frames are decoded straight into the batch's own buffer.
         chunk = ITEM_CHUNK if ds.batch_size is None else ds.batch_size
-        while u * U < self.total:
+
+        def unit_ids(u: int) -> np.ndarray:
             lo, hi = u * U, min((u + 1) * U, self.total)
-            ids = sampler.ids(lo, hi) if sampler is not None else np.zeros(hi - lo, np.int64)
-            unit = _Unit(ds, streams, consumed, ids, carry)
-            order = np.concatenate([
-                lo_w + (_rng(ds.seed, self.epoch, _TAG_WINDOW, self.g, (lo + lo_w) // W).permutation(min(W, hi - lo - lo_w))
-                        if W > 1 else np.arange(min(W, hi - lo - lo_w)))
-                for lo_w in range(0, hi - lo, W)
-            ])
-            # Chunks end where batches end (every ``chunk`` items from ``start``): a batch is then one
-            # gather -- its frames decoded into its own buffer -- except where it spans two units.
-            a = max(start - lo, 0)
-            while a < hi - lo:
-                b = min(a + chunk - (lo + a - start) % chunk, hi - lo)
-                # Exactly one batch: a full one, or the last of the pass (kept unless drop_last).
-                whole = (lo + a - start) % chunk == 0 and (b - a == chunk or (lo + b == self.total and not ds.drop_last))
-                yield unit.gather(order[a:b], whole=whole)
-                a = b
-            carry = unit.carry_out()
-            consumed = consumed + np.bincount(ids, minlength=len(streams))
-            u += 1
+            return sampler.ids(lo, hi) if sampler is not None else np.zeros(hi - lo, np.int64)
+
+        # In a DataLoader worker the next unit is read while this one is gathered: reading a unit (Parquet
+        # decoding, GIL released) is a ~100 ms stall every few dozen batches, during which the other workers
+        # fill their prefetch slots and then idle while the trainer waits on this one, in order.
+        reader = _read_ahead() if get_worker_info() is not None else None
+        ids, pending = unit_ids(u), None
+        try:
+            while u * U < self.total:
+                lo, hi = u * U, min((u + 1) * U, self.total)
+                unit = pending.result() if pending is not None else _Unit(ds, streams, consumed, ids, {})
+                unit.carry = carry  # the previous unit's last frames: known only now (history windows)
+                after = consumed + np.bincount(ids, minlength=len(streams))
+                next_ids, pending = None, None
+                if (u + 1) * U < self.total:
+                    next_ids = unit_ids(u + 1)
+                    if reader is not None:
+                        pending = reader.submit(_Unit, ds, streams, after, next_ids, {})
+                order = np.concatenate([
+                    lo_w + (_rng(ds.seed, self.epoch, _TAG_WINDOW, self.g, (lo + lo_w) // W).permutation(min(W, hi - lo - lo_w))
+                            if W > 1 else np.arange(min(W, hi - lo - lo_w)))
+                    for lo_w in range(0, hi - lo, W)
+                ])
+                # Chunks end where batches end (every ``chunk`` items from ``start``): a batch is then one
+                # gather -- its frames decoded into its own buffer -- except where it spans two units.
+                a = max(start - lo, 0)
+                while a < hi - lo:
+                    b = min(a + chunk - (lo + a - start) % chunk, hi - lo)
+                    # Exactly one batch: a full one, or the last of the pass (kept unless drop_last).
+                    whole = (lo + a - start) % chunk == 0 and (b - a == chunk or (lo + b == self.total and not ds.drop_last))
+                    yield unit.gather(order[a:b], whole=whole)
+                    a = b
+                carry = unit.carry_out()
+                consumed, ids = after, next_ids
+                u += 1
+        finally:
+            if pending is not None:  # a pass left early: the read in flight must not touch the next pass's state
+                concurrent.futures.wait([pending])
 
     def _items(self, rows: _Rows) -> Iterator[dict]:
         batch = self._finish(rows)

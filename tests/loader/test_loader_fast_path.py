@@ -384,3 +384,32 @@ def test_worker_reuses_released_frame_blocks_and_never_one_still_held(shards, mo
     for batch, (primary, wrist) in zip(kept, expected):
         assert torch.equal(batch["pixel_values"], primary) and torch.equal(batch["wrist_pixel_values"], wrist)
     assert log.read_text().splitlines() == ["new"] * loader._POOL_BLOCKS  # the pool filled, then fresh segments
+
+
+def test_workers_read_the_next_unit_ahead_with_the_same_batches(shards, monkeypatch, tmp_path):
+    """In a worker every unit after the first is read on the read-ahead thread (while the previous one is
+    gathered); the batches are those of the main process, which reads each unit when it reaches it."""
+    import threading
+
+    log = tmp_path / "units.log"
+    original = loader._Unit.__init__
+
+    def logged(self, *args):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {threading.current_thread().name}\n")
+        original(self, *args)
+
+    monkeypatch.setattr(loader._Unit, "__init__", logged)
+    monkeypatch.setattr(loader, "MIN_UNIT_ROWS", 10)
+    kw = dict(split="train", seed=6, shuffle_buffer=5, batch_size=3, pixel_dtype="uint8", history=2)
+    expected = list(ShardDataset(shards, **kw))
+    here = log.read_text().splitlines()
+    assert len(here) > 3 and all(line.split()[1] == "MainThread" for line in here)
+    log.unlink()
+    received = list(torch.utils.data.DataLoader(ShardDataset(shards, **kw), batch_size=None, num_workers=1))
+    assert len(received) == len(expected)
+    for a, b in zip(received, expected):
+        assert all(torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k] for k in b)
+    threads = [line.split()[1] for line in log.read_text().splitlines()]
+    assert threads[0] == "MainThread" and len(threads) == len(here)
+    assert all(t.startswith("vlaprep-read-ahead") for t in threads[1:])
