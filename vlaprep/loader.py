@@ -56,8 +56,9 @@ worker ``rank * num_workers + worker``):
   order: its *stream*.
 * Shuffle: the stream is cut into windows of ``shuffle_buffer`` consecutive items and each window is
   emitted in a random permutation seeded by (seed, epoch, global worker, window). Memory is one window of
-  compressed rows (two in a DataLoader worker, which reads the next unit ahead on a thread) (plus the Parquet row group each of the worker's streams is reading: one per dataset
-  of a mixture), and any position can be resumed by re-reading one window.
+  compressed rows (two in a DataLoader worker, which reads the next unit ahead on a thread), plus the
+  Parquet row group each of the worker's streams is reading (one per dataset of a mixture); any position
+  can be resumed by re-reading one window.
 * Mixture (``mixture=``): as OpenVLA's ``make_interleaved_dataset``: each item comes from dataset i with
   probability p_i = w_i * n_i / sum_j w_j * n_j (``balance_weights``; n_i = num_transitions from the
   statistics the rows were normalized with; without balancing p_i = w_i / sum w). The worker's stream is
