@@ -1412,7 +1412,12 @@ class ShardDataset(IterableDataset):
         # Every file is hashed against the manifest before it is read (see decode_frames' digest_checked).
         self.digests_checked = self.verify_sha256 and all(f.sha256 is not None for f in self.files)
         # Digests shared with the DataLoader workers this process forks (see _DigestLedger).
-        self._ledger = _DigestLedger() if self.verify_sha256 and self.files else None
+        self._ledger = None
+        if self.verify_sha256 and self.files:
+            try:
+                self._ledger = _DigestLedger()
+            except OSError:  # no writable temp directory: each process hashes for itself, as before
+                pass
         self._file_number = {f.path: i for i, f in enumerate(self.files)}
         # One footer read (of a verified file): the schema every file must share.
         self.schema = self._open(self.files[0]).parquet.schema_arrow

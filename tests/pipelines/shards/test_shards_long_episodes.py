@@ -85,6 +85,19 @@ def first_episode(data, name, roles=("primary",)):
     return episodes[0] if name == "calvin" else max(episodes, key=lambda e: e.num_steps)
 
 
+def spilled_episodes(data, spill, names, per_dataset=3):
+    """The first ``per_dataset`` episodes of each dataset, encoded 4 rows a chunk into ``spill``:
+    ``[(key, SpilledEpisode)]`` in the order given."""
+    spill.mkdir()
+    items = []
+    for name in names:
+        enc = encoder(data, name, chunk_rows=4)
+        for episode in episodes_of(data, name)[:per_dataset]:
+            key, ref = enc.encode(episode, str(spill))
+            items.append((key, SpilledEpisode(str(spill), ref)))
+    return items
+
+
 def one_batch_file(batch, path):
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
@@ -190,14 +203,9 @@ def test_reloaded_episodes_spill_like_fresh_ones(data, tmp_path, monkeypatch):
     references and rows as encoding the episodes again; a modified file is refused."""
     monkeypatch.setattr(shards_write, "ROW_GROUP_ROWS", 5)
     monkeypatch.setattr(shards_write, "CHUNK_ROWS", 3)  # the previous file is read back 3 rows at a time
-    spill, items, fresh = tmp_path / "spill", [], {}
-    spill.mkdir()
-    for name in ("bridge_orig", "calvin"):
-        enc = encoder(data, name, chunk_rows=4)
-        for episode in episodes_of(data, name)[:3]:
-            key, ref = enc.encode(episode, str(spill))
-            items.append((key, SpilledEpisode(str(spill), ref)))
-            fresh[key] = ref
+    spill = tmp_path / "spill"
+    items = spilled_episodes(data, spill, ("bridge_orig", "calvin"))
+    fresh = {key: episode.ref for key, episode in items}
     schema = options().schema()
     info = write_shard_file(str(tmp_path / "out"), "train", 0, 1, items, schema, len(items))
     path = tmp_path / "out" / info["path"]
@@ -291,13 +299,7 @@ def test_each_datasets_rows_start_a_row_group(data, tmp_path, monkeypatch):
     each dataset as its own stream), every dataset's rows fill groups of 7 from its first row, the manifest's
     count is the file's, and the rows are those given, in key order."""
     monkeypatch.setattr(shards_write, "ROW_GROUP_ROWS", 7)
-    spill, items = tmp_path / "spill", []
-    spill.mkdir()
-    for name in ("calvin", "bridge_orig"):
-        enc = encoder(data, name, chunk_rows=4)
-        for episode in episodes_of(data, name)[:3]:
-            key, ref = enc.encode(episode, str(spill))
-            items.append((key, SpilledEpisode(str(spill), ref)))
+    items = spilled_episodes(data, tmp_path / "spill", ("calvin", "bridge_orig"))
     schema = options().schema()
     info = write_shard_file(str(tmp_path / "out"), "train", 0, 1, items, schema, len(items))
     parquet = pq.ParquetFile(tmp_path / "out" / info["path"])
