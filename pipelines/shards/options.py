@@ -59,6 +59,9 @@ ROW_GROUP_ROWS = 1000
 ROW_GROUP_BYTES = 64 << 20
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 1  # explicit: a library default that changes would change the bytes
+# Rows the Parquet writer encodes between page-size checks (Arrow's default, pinned like the level): at
+# least ROW_GROUP_ROWS, so with each group handed over as one array a group's column is one page.
+PARQUET_WRITE_BATCH_ROWS = 1024
 
 
 class ShardsArgumentError(UserError):

@@ -23,6 +23,7 @@ from vlaprep.pipelines.shards.options import (
     CHUNK_ROWS,
     PARQUET_COMPRESSION,
     PARQUET_COMPRESSION_LEVEL,
+    PARQUET_WRITE_BATCH_ROWS,
     ROW_GROUP_BYTES,
     ROW_GROUP_ROWS,
 )
@@ -87,19 +88,21 @@ def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: 
     Parquet decodes whole row groups (from their first row), so a group shared by two datasets would be
     decoded once for each -- by different DataLoader workers, ~20% more decoding on a 3-dataset mixture.
 
-    Each table holds one chunk per episode it covers (that episode's rows in the group, as one array):
-    exactly what ``pq.write_table`` saw when it sliced the table of whole-episode batches (one chunk per
-    episode) into row groups. The Parquet writer cuts pages per input array, so this -- not how the
-    encoder chunked the episode -- is what keeps the bytes of every file as they were. Memory: one row
-    group (<= ~ROW_GROUP_BYTES) plus one spilled chunk.
+    Each table is one chunk (one array per column), however the encoder chunked the episodes: the
+    Parquet writer cuts pages per input array, so a group's image column becomes one page. A reader
+    decoding a whole group then reserves the group's bytes once; one page per episode (as before)
+    made Arrow's binary builder grow by reallocation and copy every image about twice into fresh memory:
+    ~10% more CPU a row and ~25% more page faults in a DataLoader worker (benchmarks/results_loader_2core.txt).
+    Memory: one row group (<= ~ROW_GROUP_BYTES) plus the spilled chunks it was cut from (at most two of them
+    partly).
     """
-    group, filled, dataset = [], 0, None
+    pieces, filled, dataset = [], 0, None
     for key, episode in episodes:
-        if group and key[1] != dataset:  # each dataset's rows start a row group: see the docstring
-            yield pa.Table.from_batches(group, schema=schema)
-            group, filled = [], 0
+        if pieces and key[1] != dataset:  # each dataset's rows start a row group: see the docstring
+            yield pa.Table.from_batches([_one_batch(pieces, schema)], schema=schema)
+            pieces, filled = [], 0
         dataset = key[1]
-        pieces, start = [], 0
+        start = 0
         for batch in episode.batches():
             validate_table_schema(batch.schema, schema, relpath)
             check_episode_batch(batch, key, start, episode.rows)
@@ -111,15 +114,12 @@ def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: 
                 offset += take
                 filled += take
                 if filled == row_group:
-                    group.append(_one_batch(pieces, schema))
-                    yield pa.Table.from_batches(group, schema=schema)
-                    group, pieces, filled = [], [], 0
+                    yield pa.Table.from_batches([_one_batch(pieces, schema)], schema=schema)
+                    pieces, filled = [], 0
         if start != episode.rows:
             raise ValueError(f"expected {episode.rows} rows of episode {key!r}, got {start}")
-        if pieces:
-            group.append(_one_batch(pieces, schema))
-    if group:
-        yield pa.Table.from_batches(group, schema=schema)
+    if pieces:
+        yield pa.Table.from_batches([_one_batch(pieces, schema)], schema=schema)
 
 
 def write_shard_file(
@@ -156,6 +156,7 @@ def write_shard_file(
             schema,
             compression=PARQUET_COMPRESSION,
             compression_level=PARQUET_COMPRESSION_LEVEL,
+            write_batch_size=PARQUET_WRITE_BATCH_ROWS,
             use_dictionary=[f.name for f in schema if f.type == pa.string()],
             write_statistics=[f.name for f in schema if f.name not in binary],
         ) as writer:

@@ -147,8 +147,8 @@ def test_chunked_rows_match_per_step_references(data):
 
 
 def reference_shard(whole_batches, schema):
-    """The file as ``write_shard_file`` wrote it before episodes were chunked: one ``pq.write_table`` over a
-    table of whole-episode batches read back from IPC, row groups from that table's ``nbytes``."""
+    """The file one ``pq.write_table`` makes of the whole-episode batches (read back from IPC) as one array
+    per column, row groups from that table's ``nbytes``: each row group's column one array, so one page."""
     loaded = []
     for batch in whole_batches:
         sink = pa.BufferOutputStream()
@@ -158,7 +158,7 @@ def reference_shard(whole_batches, schema):
     table = pa.Table.from_batches(loaded, schema=schema)
     row_group = max(1, min(shards_write.ROW_GROUP_ROWS, shards_write.ROW_GROUP_BYTES // max(1, table.nbytes // table.num_rows)))
     out = pa.BufferOutputStream()
-    pq.write_table(table, out, row_group_size=row_group, compression="zstd", compression_level=1,
+    pq.write_table(table.combine_chunks(), out, row_group_size=row_group, compression="zstd", compression_level=1,
                    use_dictionary=[f.name for f in schema if f.type == pa.string()],
                    write_statistics=[f.name for f in schema if f.type != pa.binary()])
     return out.getvalue().to_pybytes(), row_group
@@ -167,12 +167,12 @@ def reference_shard(whole_batches, schema):
 @pytest.mark.parametrize("size, row_group_rows, row_group_bytes", [
     (SIZE, 7, 64 << 20),
     (SIZE, 1000, 20_000),  # groups sized by the rows' Arrow bytes
-    (224, 40, 64 << 20),  # 150 KB PNGs: a group's image column spans several 1 MiB Parquet pages
+    (224, 40, 64 << 20),  # 150 KB PNGs: a group's image column is one page, however the episodes were cut
 ])
 def test_streamed_shard_is_byte_identical_to_whole_episode_write(data, tmp_path, monkeypatch, size, row_group_rows, row_group_bytes):
     """Row groups cut through episodes and through their chunks; the file is the same as one write of
-    whole episodes. (Parquet cuts pages per input array: handing it the spilled chunks as they are
-    would change the pages of the 224 px case.)"""
+    the whole episodes as one array. (Parquet cuts pages per input array: handing it the spilled chunks,
+    or one array per episode, would change the pages of the 224 px case.)"""
     monkeypatch.setattr(shards_write, "ROW_GROUP_ROWS", row_group_rows)
     monkeypatch.setattr(shards_write, "ROW_GROUP_BYTES", row_group_bytes)
     episodes = episodes_of(data, "bridge_orig")
