@@ -38,6 +38,11 @@ One item (S = image size, H = history, N = action chunk, D = action width, P = p
   action_chunk_mask        bool    [N]            True where t+i is a real step
   dataset_name, episode_id, instruction: str;  step_index, num_steps: int
 
+Frames are decoded in the images' own channels-last memory order (torch's ``channels_last``: the [.., 3, S, S]
+tensors are views of [.., S, S, 3] memory): the same values and shapes, every torch op takes them, a device
+reorders them for free; ``.contiguous()`` where raw NCHW memory is needed (``view``, ``data_ptr``). Frames of
+history windows are stacked channels-first.
+
 ``batch_size=B`` makes the dataset yield collated batches instead (exactly ``collate_vla`` of B consecutive
 items, built column-wise: one gather per column, one image buffer per batch); use it with
 ``DataLoader(ds, batch_size=None)`` or ``ShardLoader``. With ``decode_images=False`` the images stay PNG
@@ -559,8 +564,8 @@ class ShardLayout:
 # The PNGs ``vlaprep shards`` writes (``encode_png``): 8-bit RGB, not interlaced, chunks IHDR IDAT IEND, the
 # zlib stream in stored (uncompressed) deflate blocks -- the Parquet page's zstd compresses -- and filter
 # "Up" on every row. For those, decoding is a copy of the stored blocks (plus the stream's adler32 check
-# unless the file's sha256 was) and one running sum down the rows, batch-wide, written channels-first:
-# ~0.1 ms for a 224 px frame against PIL's ~0.17 ms plus ~0.05 ms for the channels-first copy (2-core VM).
+# unless the file's sha256 was) and one running sum down the rows, batch-wide, in the PNG's own channels-last
+# order: ~0.06 ms for a 224 px frame against PIL's ~0.17 ms; a channels-first copy would add ~0.04 ms (2-core VM).
 # Any other image goes to PIL.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IHDR_RGB8 = (8, 2, 0, 0, 0)  # bit depth 8, truecolour, deflate, adaptive filtering, no interlace
@@ -664,14 +669,18 @@ def _scratch(nbytes: int) -> np.ndarray:
 def decode_frames(images: Sequence, size: int | None = None, digest_checked: bool = False,
                   allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
     """Encoded images (bytes or any buffer: PNG, or any format PIL reads) -> uint8 [n, 3, H, W], channels
-    first as the model takes them; every image ``size`` x ``size`` when given, else the first one's size
+    first as the model takes them, in channels-last memory (a view of [n, H, W, 3]: the images' own pixel
+    order, torch's ``channels_last``); every image ``size`` x ``size`` when given, else the first one's size
     (``FrameShapeError`` otherwise). Module-level: tests count calls.
 
     vlaprep's own PNGs (see ``_PNG_SIGNATURE``) are decoded batch-wide without PIL, to exactly PIL's
     pixels; every other image (other filters, palettes, grey, alpha, JPEG, damaged streams) through PIL.
+    Channels-last memory because un-filtering then adds whole contiguous rows, and a trainer's device
+    reorders for free what would cost a worker a strided copy of every byte (~35% of decoding here).
     ``digest_checked``: the images come from a file whose sha256 matched the manifest, so their zlib
     streams are the writer's bytes and their adler32 (~25% of the decoding) is not computed again.
-    ``allocate(shape)``: where the uint8 output goes (e.g. shared memory a DataLoader worker hands over as is)."""
+    ``allocate(shape)``: where the uint8 [n, H, W, 3] pixels go (e.g. shared memory a DataLoader worker
+    hands over as is)."""
     n = len(images)
     out: np.ndarray | None = None
     fallback: dict[int, np.ndarray] = {}  # index -> PIL's [H, W, 3]
@@ -686,7 +695,7 @@ def decode_frames(images: Sequence, size: int | None = None, digest_checked: boo
             shape = png[:2]
         if out is None:
             height, width = (size, size) if size is not None else shape
-            out = np.empty((n, 3, height, width), np.uint8) if allocate is None else allocate((n, 3, height, width))
+            out = np.empty((n, height, width, 3), np.uint8) if allocate is None else allocate((n, height, width, 3))
             filtered = _scratch(n * height * (3 * width + 1)).reshape(n, height, 3 * width + 1)  # rows: filter, R G B ...
         if shape != (height, width):
             raise FrameShapeError(j, (*shape, 3), (height, width))
@@ -700,28 +709,28 @@ def decode_frames(images: Sequence, size: int | None = None, digest_checked: boo
         return np.zeros((0, 3, size or 0, size or 0), np.uint8)
     if fast:
         # "Up": pixel row r = filtered row r + pixel row r-1 (mod 256; row -1 is zeros).
-        deltas = filtered[:, :, 1:].reshape(n, height, width, 3)
+        deltas = filtered[:, :, 1:]  # [n, H, 3W]
+        rows = out.reshape(n, height, 3 * width)
         if len(fast) >= _ROWWISE_MIN_FRAMES:  # frames decoded by PIL are overwritten below
-            deltas = deltas.transpose(0, 1, 3, 2)  # [n, H, 3, W]
-            out[:, :, 0] = deltas[:, 0]
+            rows[:, 0] = deltas[:, 0]
             for r in range(1, height):
-                np.add(out[:, :, r - 1], deltas[:, r], out=out[:, :, r])
+                np.add(rows[:, r - 1], deltas[:, r], out=rows[:, r])
         else:
             for j in fast:
-                np.cumsum(deltas[j], axis=0, dtype=np.uint8, out=out[j].transpose(1, 2, 0))
+                np.cumsum(deltas[j], axis=0, dtype=np.uint8, out=rows[j])
     for j, frame in fallback.items():
-        out[j] = frame.transpose(2, 0, 1)
-    return out
+        out[j] = frame
+    return out.transpose(0, 3, 1, 2)
 
 
 def decode_frame(data) -> np.ndarray:
     """One encoded image (PNG or any PIL format) -> uint8 array [H, W, 3]."""
-    return np.ascontiguousarray(decode_frames([data])[0].transpose(1, 2, 0))
+    return decode_frames([data])[0].transpose(1, 2, 0)  # (contiguous: decode_frames' memory order)
 
 
 def decode_image(data) -> torch.Tensor:
-    """One encoded image (PNG or any PIL format) -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(decode_frames([data])[0])
+    """One encoded image (PNG or any PIL format) -> uint8 tensor [3, H, W] (contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(decode_frames([data])[0]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -806,7 +815,8 @@ def openvla_augment(frames: torch.Tensor, params: Mapping[str, np.ndarray]) -> t
     [0, 1] after each op; back to uint8 as floor(x * 255.5)."""
     shape = frames.shape
     n, size = shape[0], shape[-1]
-    x = frames.reshape(n, -1, 3, shape[-2], size).to(torch.float32) / 255.0  # [n, H, 3, S, S]
+    # (contiguous first: the reductions below then add in one order, whatever memory order frames have)
+    x = frames.contiguous().reshape(n, -1, 3, shape[-2], size).to(torch.float32) / 255.0  # [n, H, 3, S, S]
     frames_per_item = x.shape[1]
     p = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in params.items()}
     # Crop + bilinear resize (grid_sample with align_corners=True samples pixel centres 0..S-1, like TF).
@@ -2058,12 +2068,12 @@ class _WorkerIterator:
             if isinstance(value, list):  # decode_images=False: PNG bytes
                 out[src] = value
                 continue
-            frames = as_shared_tensor(value) if ds._share else torch.from_numpy(value)  # [n, (H,) 3, S, S] uint8
+            # [n, (H,) 3, S, S] uint8; channels-last memory where decoded batch-wide (``decode_frames``)
+            frames = as_shared_tensor(value) if ds._share else torch.from_numpy(value)
             if src == Column.IMAGE_PRIMARY and ds.augment == "openvla":
                 frames = openvla_augment(frames, openvla_augment_params(rows.keys, ds.seed, self.epoch))
             if ds.pixel_dtype == "float32":  # in a worker straight into shared memory (not copied there after)
-                shape = frames.shape
-                pixels = _worker_pixels(shape) if ds._share else torch.empty(shape, dtype=torch.float32)
+                pixels = _worker_pixels(frames) if ds._share else torch.empty_like(frames, dtype=torch.float32)
                 frames = pixels.copy_(frames).div_(255.0)
             out[dst] = frames
         if HISTORY_MASK in cols:
@@ -2147,11 +2157,12 @@ class _FramePool:
         return block.payload.view(dtype).reshape(tuple(shape))
 
     def handle(self, value: torch.Tensor) -> _PooledFrames | None:
-        """``value`` as the block it fills exactly (contiguous), ready to cross; None when it is not one."""
+        """``value`` as the block it fills exactly (dense, in any memory order), ready to cross; None when it
+        is not one."""
         nbytes = value.numel() * value.element_size()
         for block in self.blocks:
-            if block.address == value.data_ptr() and block.nbytes == nbytes and value.is_contiguous() and block.in_use:
-                return _PooledFrames(block, tuple(value.shape), value.dtype)
+            if block.address == value.data_ptr() and block.nbytes == nbytes and _is_dense(value) and block.in_use:
+                return _PooledFrames(block, tuple(value.shape), tuple(value.stride()), value.dtype)
         return None
 
 
@@ -2169,23 +2180,25 @@ class _PooledFrames:
     """A batch's frames in a pool block on their way to the main process: pickled as the block's file
     descriptor (as torch sends a shared tensor), rebuilt there by ``_rebuild_pooled_frames``."""
 
-    def __init__(self, block: _FrameBlock, shape: tuple[int, ...], dtype: torch.dtype):
-        self.block, self.shape, self.dtype = block, shape, dtype
+    def __init__(self, block: _FrameBlock, shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype):
+        self.block, self.shape, self.strides, self.dtype = block, shape, strides, dtype
 
     def __reduce__(self):
         from multiprocessing.reduction import DupFd
 
-        return _rebuild_pooled_frames, (DupFd(self.block.fd), self.block.nbytes, self.shape, str(self.dtype).split(".")[-1])
+        return _rebuild_pooled_frames, (DupFd(self.block.fd), self.block.nbytes, self.shape, self.strides,
+                                        str(self.dtype).split(".")[-1])
 
 
-def _rebuild_pooled_frames(fd, nbytes: int, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    """In the receiving process: the block mapped, as a tensor; its release marks the block free."""
+def _rebuild_pooled_frames(fd, nbytes: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: str) -> torch.Tensor:
+    """In the receiving process: the block mapped, as a tensor (its shape and memory order); its release
+    marks the block free."""
     fd = fd.detach()
     mm = mmap.mmap(fd, _BLOCK_HEADER + nbytes)
     weakref.finalize(mm, _release_block, fd)
     kind = getattr(torch, dtype)
     return torch.frombuffer(mm, dtype=kind, count=nbytes // torch.empty(0, dtype=kind).element_size(),
-                            offset=_BLOCK_HEADER).view(shape)
+                            offset=_BLOCK_HEADER).as_strided(shape, strides)
 
 
 def _release_block(fd: int) -> None:
@@ -2195,11 +2208,30 @@ def _release_block(fd: int) -> None:
         os.close(fd)
 
 
-def _worker_pixels(shape: Sequence[int]) -> torch.Tensor:
-    """float32 pixels of ``shape`` in a DataLoader worker: a free pool block, else a fresh segment."""
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """``t``'s dimensions from the outermost in memory to the innermost (by stride; ties in dimension order)."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its ``numel()`` elements of memory exactly once (contiguous in some dimension order)."""
+    expected = 1
+    for d in reversed(_memory_order(t)):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def _worker_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """float32 pixels shaped and ordered in memory like ``frames`` in a DataLoader worker: a free pool block,
+    else a fresh segment."""
+    order = _memory_order(frames)
+    physical = tuple(frames.shape[d] for d in order)
     pool = _frame_pool()
-    out = pool.array(shape, np.float32) if pool is not None else None
-    return torch.from_numpy(out) if out is not None else shared_empty(shape, torch.float32)
+    out = pool.array(physical, np.float32) if pool is not None else None
+    pixels = torch.from_numpy(out) if out is not None else shared_empty(physical, torch.float32)
+    return pixels.permute(*np.argsort(order).tolist())
 
 
 def worker_frames(shape: tuple[int, ...]) -> np.ndarray:
@@ -2282,7 +2314,7 @@ def _slice_rows(rows: _Rows, a: int, b: int) -> _Rows:
 
 class _Unit:
     """The rows of one read unit: each stream's range in this unit (plus up to H-1 lead-in rows before it,
-    for history windows) read into one Arrow table; frames decoded per gather, batch-wide, channels first
+    for history windows) read into one Arrow table; frames decoded per gather, batch-wide, channels-last memory
     ([3, S, S]); with history, kept until no later item of the unit needs them, and the last H-1 of each
     read carried to the next unit (its lead-in)."""
 

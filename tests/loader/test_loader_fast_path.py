@@ -96,6 +96,7 @@ def test_vlaprep_pngs_decode_without_pil_to_exactly_pils_pixels(shards, monkeypa
         assert np.array_equal(decode_frames(images[:3], None, digest_checked), expected[:3])
         got = decode_frames(images, SIZE, digest_checked)
         assert got.dtype == np.uint8 and np.array_equal(got, expected)
+        assert got.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last memory: [n, H, W, 3] underneath
     assert np.array_equal(loader.decode_frame(images[0]), expected[0].transpose(1, 2, 0))
     assert torch.equal(loader.decode_image(images[0]), torch.from_numpy(expected[0]))
 
@@ -318,6 +319,8 @@ def test_worker_batches_cross_as_two_shared_blocks_and_equal_in_process_batches(
             frames = a[key]
             own = frames.untyped_storage().nbytes() == frames.numel()
             assert own == (j not in spanning), (j, key)
+            # decoded into the block in channels-last order and handed over as it is
+            assert own <= frames.is_contiguous(memory_format=torch.channels_last), (j, key)
         assert len(storages) == (3 if j not in spanning else 1), j
 
 
@@ -348,6 +351,38 @@ def test_a_pooled_block_crosses_as_its_descriptor_and_is_free_again_once_release
     assert not block.in_use
     again = pool.array((2, 3, 4, 4), np.uint8)
     assert again.ctypes.data == block.address and len(pool.blocks) == 2  # reused
+
+
+def test_a_pooled_block_in_channels_last_order_crosses_with_its_strides():
+    """Frames decoded as [n, H, W, 3] and handed over as the [n, 3, H, W] view (``decode_frames``' layout):
+    rebuilt over the same memory with the same strides, not copied into channels-first order."""
+    from multiprocessing.reduction import ForkingPickler
+
+    pool = loader._FramePool()
+    hwc = pool.array((2, 4, 5, 3), np.uint8)
+    hwc[...] = np.arange(hwc.size, dtype=np.uint8).reshape(hwc.shape)
+    chw = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+    assert chw.shape == (2, 3, 4, 5) and not chw.is_contiguous()
+    received = ForkingPickler.loads(bytes(ForkingPickler.dumps(pool.handle(chw))))
+    assert received.shape == (2, 3, 4, 5) and received.stride() == chw.stride()
+    assert received.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(received, torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))))
+    assert pool.handle(chw[:, :2]) is None  # not the whole block
+    overlapping = torch.from_numpy(hwc).reshape(-1).as_strided((hwc.size,), (0,))  # same size and start
+    assert pool.handle(overlapping) is None  # but not dense
+
+
+def test_float32_pixels_from_workers_keep_the_frames_memory_order_and_values(shards):
+    kw = dict(split="train", seed=5, shuffle_buffer=5, batch_size=4, pixel_dtype="float32")
+    in_process = list(ShardDataset(shards, **kw))
+    received = list(torch.utils.data.DataLoader(ShardDataset(shards, **kw), batch_size=None, num_workers=1))
+    assert len(received) == len(in_process) > 3
+    uint8 = list(ShardDataset(shards, **{**kw, "pixel_dtype": "uint8"}))
+    for a, b, c in zip(received, in_process, uint8):
+        for key in ("pixel_values", "wrist_pixel_values"):
+            assert a[key].dtype == b[key].dtype == torch.float32 and torch.equal(a[key], b[key]), key
+            assert torch.equal(b[key], c[key].to(torch.float32) / 255.0), key
+            assert a[key].is_contiguous(memory_format=torch.channels_last) == c[key].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_worker_reuses_released_frame_blocks_and_never_one_still_held(shards, monkeypatch, tmp_path):
