@@ -59,9 +59,12 @@ ROW_GROUP_ROWS = 1000
 ROW_GROUP_BYTES = 64 << 20
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 1  # explicit: a library default that changes would change the bytes
-# Rows the Parquet writer encodes between page-size checks (Arrow's default, pinned like the level): at
-# least ROW_GROUP_ROWS, so with each group handed over as one array a group's column is one page.
-PARQUET_WRITE_BATCH_ROWS = 1024
+# Parquet data pages close at this size (Arrow's default: 1 MiB), above any row group's column (~ROW_GROUP_BYTES):
+# each column of a row group is one page. A reader decoding a group then reserves its images at once; with a
+# page per episode (2-9 MB at 224 px) Arrow's binary builder grew by reallocation, copying every image again
+# into fresh memory: ~10% more CPU a row and ~20% more page faults in a DataLoader worker
+# (benchmarks/results_loader_2core.txt); writing takes 2-4% longer. Parquet's page sizes are int32: < 2 GiB.
+PARQUET_PAGE_BYTES = 1 << 30
 
 
 class ShardsArgumentError(UserError):

@@ -23,7 +23,7 @@ from vlaprep.pipelines.shards.options import (
     CHUNK_ROWS,
     PARQUET_COMPRESSION,
     PARQUET_COMPRESSION_LEVEL,
-    PARQUET_WRITE_BATCH_ROWS,
+    PARQUET_PAGE_BYTES,
     ROW_GROUP_BYTES,
     ROW_GROUP_ROWS,
 )
@@ -88,21 +88,19 @@ def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: 
     Parquet decodes whole row groups (from their first row), so a group shared by two datasets would be
     decoded once for each -- by different DataLoader workers, ~20% more decoding on a 3-dataset mixture.
 
-    Each table is one chunk (one array per column), however the encoder chunked the episodes: the
-    Parquet writer cuts pages per input array, so a group's image column becomes one page. A reader
-    decoding a whole group then reserves the group's bytes once; one page per episode (as before)
-    made Arrow's binary builder grow by reallocation and copy every image about twice into fresh memory:
-    ~10% more CPU a row and ~25% more page faults in a DataLoader worker (benchmarks/results_loader_2core.txt).
-    Memory: one row group (<= ~ROW_GROUP_BYTES) plus the spilled chunks it was cut from (at most two of them
-    partly).
+    Each table holds one chunk per episode it covers (that episode's rows in the group, as one array):
+    what ``pq.write_table`` saw when it sliced a table of whole-episode batches into row groups, whatever
+    chunks the encoder made. With ``PARQUET_PAGE_BYTES`` each column of a group is one Parquet page (the
+    same bytes as a group handed over as one array). Memory: one row group (<= ~ROW_GROUP_BYTES) plus one
+    spilled chunk.
     """
-    pieces, filled, dataset = [], 0, None
+    group, filled, dataset = [], 0, None
     for key, episode in episodes:
-        if pieces and key[1] != dataset:  # each dataset's rows start a row group: see the docstring
-            yield pa.Table.from_batches([_one_batch(pieces, schema)], schema=schema)
-            pieces, filled = [], 0
+        if group and key[1] != dataset:  # each dataset's rows start a row group: see the docstring
+            yield pa.Table.from_batches(group, schema=schema)
+            group, filled = [], 0
         dataset = key[1]
-        start = 0
+        pieces, start = [], 0
         for batch in episode.batches():
             validate_table_schema(batch.schema, schema, relpath)
             check_episode_batch(batch, key, start, episode.rows)
@@ -114,12 +112,15 @@ def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: 
                 offset += take
                 filled += take
                 if filled == row_group:
-                    yield pa.Table.from_batches([_one_batch(pieces, schema)], schema=schema)
-                    pieces, filled = [], 0
+                    group.append(_one_batch(pieces, schema))
+                    yield pa.Table.from_batches(group, schema=schema)
+                    group, pieces, filled = [], [], 0
         if start != episode.rows:
             raise ValueError(f"expected {episode.rows} rows of episode {key!r}, got {start}")
-    if pieces:
-        yield pa.Table.from_batches([_one_batch(pieces, schema)], schema=schema)
+        if pieces:
+            group.append(_one_batch(pieces, schema))
+    if group:
+        yield pa.Table.from_batches(group, schema=schema)
 
 
 def write_shard_file(
@@ -130,7 +131,8 @@ def write_shard_file(
     ``items``: ``(key, rows)`` per episode, rows a ``SpilledEpisode`` (the pipeline), a record batch or a
     list of record batches (its chunks). Episodes in key order, each one's rows contiguous; zstd; row
     groups of ~1000 rows or ~64 MiB (from the episodes' one-batch Arrow size, ``EpisodeRef.arrow_nbytes``),
-    each dataset's rows starting a new one (``_row_groups``); statistics for every non-image column; dictionary encoding only for the string columns.
+    each dataset's rows starting a new one (``_row_groups``), one page per column of a group
+    (``PARQUET_PAGE_BYTES``); statistics for every non-image column; dictionary encoding only for the string columns.
     Streamed: row group by row group from the spilled chunks into the file, hashed on the way, so a
     shard of one 20,000-step episode takes one row group of memory, not the episode or the file.
     Idempotent: a retried bundle rewrites the same bytes.
@@ -156,7 +158,7 @@ def write_shard_file(
             schema,
             compression=PARQUET_COMPRESSION,
             compression_level=PARQUET_COMPRESSION_LEVEL,
-            write_batch_size=PARQUET_WRITE_BATCH_ROWS,
+            data_page_size=PARQUET_PAGE_BYTES,
             use_dictionary=[f.name for f in schema if f.type == pa.string()],
             write_statistics=[f.name for f in schema if f.name not in binary],
         ) as writer:

@@ -171,8 +171,8 @@ def reference_shard(whole_batches, schema):
 ])
 def test_streamed_shard_is_byte_identical_to_whole_episode_write(data, tmp_path, monkeypatch, size, row_group_rows, row_group_bytes):
     """Row groups cut through episodes and through their chunks; the file is the same as one write of
-    the whole episodes as one array. (Parquet cuts pages per input array: handing it the spilled chunks,
-    or one array per episode, would change the pages of the 224 px case.)"""
+    the whole episodes as one array, so one page per column of a group. (At Parquet's default 1 MiB page
+    size pages are cut per input array: one per episode or spilled chunk in the 224 px case.)"""
     monkeypatch.setattr(shards_write, "ROW_GROUP_ROWS", row_group_rows)
     monkeypatch.setattr(shards_write, "ROW_GROUP_BYTES", row_group_bytes)
     episodes = episodes_of(data, "bridge_orig")
