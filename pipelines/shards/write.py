@@ -92,7 +92,7 @@ def _row_groups(episodes: Sequence, row_group: int, schema: pa.Schema, relpath: 
     what ``pq.write_table`` saw when it sliced a table of whole-episode batches into row groups, whatever
     chunks the encoder made. With ``PARQUET_PAGE_BYTES`` each column of a group is one Parquet page (the
     same bytes as a group handed over as one array). Memory: one row group (<= ~ROW_GROUP_BYTES) plus one
-    spilled chunk.
+    spilled chunk, and the Parquet writer's encoded page of the group's largest column (as large again).
     """
     group, filled, dataset = [], 0, None
     for key, episode in episodes:
